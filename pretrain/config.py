@@ -1,0 +1,128 @@
+"""Pretraining config. Defaults are the MEmoBERT recipe (shared/REFERENCE.md); YAML holds overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from memobert.config import check
+
+TASKS = ("wwmlm", "spanmvfr", "spanmvfckl", "spanmafr")
+
+
+@dataclass
+class ModelConfig:
+    # Named shape (pretrain/model.py: FLAVORS). base is BERT-base, the paper's model.
+    flavor: Literal["base", "debug", "tiny"] = "base"
+    # Local text-BERT folder to initialise from (bert-base-uncased in the paper). None: random init.
+    init_from: str | None = None
+    acoustic_dim: int = 768  # pooled wav2vec2-base frames
+    visual_dim: int = 342  # DenseNet-BC-100 FER+ features
+    vprob_dim: int = 8  # FER+ classes
+    type_vocab_size: int = 3  # text 0, visual 1, acoustic 2 (the authors' "difftype")
+    dropout: float = 0.1
+    # The authors tie the frame-regression output to the input projection.
+    tie_frame_regression: bool = True
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # folder with manifest.json, or a brace/glob pattern of .tar files
+    val_shards: str = ""
+    max_text_len: int = 30  # WordPiece tokens, without [CLS]/[SEP]
+    max_visual_len: int = 36
+    max_acoustic_len: int = 64
+    min_visual_len: int = 10  # clips with fewer visual frames are dropped in pretraining
+    shuffle_buffer: int = 2000
+    num_workers: int = 4
+    bucket_by_length: bool = True
+
+    def validate(self) -> None:
+        for key in ("max_text_len", "max_visual_len", "max_acoustic_len"):
+            check(getattr(self, key) > 0, key, "must be positive")
+        check(self.min_visual_len >= 0, "min_visual_len", "must be >= 0")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+
+
+@dataclass
+class MaskConfig:
+    word_mask_prob: float = 0.15  # whole words, BERT 80/10/10
+    visual_mask_ratio: float = 0.2
+    acoustic_mask_ratio: float = 0.15
+    span: int = 3  # frames per masked span
+
+    def validate(self) -> None:
+        for key in ("word_mask_prob", "visual_mask_ratio", "acoustic_mask_ratio"):
+            check(0.0 < getattr(self, key) < 1.0, key, "must be in (0, 1)")
+        check(self.span >= 1, "span", "must be >= 1")
+
+
+@dataclass
+class TaskConfig:
+    # one_per_step: the authors' mixing (one task per optimizer step); all: every task every step.
+    mode: Literal["one_per_step", "all"] = "one_per_step"
+    ratios: dict[str, float] = field(
+        default_factory=lambda: {"wwmlm": 2.0, "spanmvfr": 1.0, "spanmvfckl": 1.0, "spanmafr": 1.0}
+    )
+
+    def validate(self) -> None:
+        for name, ratio in self.ratios.items():
+            check(name in TASKS, f"ratios.{name}", f"unknown task; known: {', '.join(TASKS)}")
+            check(ratio >= 0, f"ratios.{name}", "must be >= 0")
+        check(sum(self.ratios.values()) > 0, "ratios", "at least one task needs a positive ratio")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    warmup_steps: int = 4000
+    grad_clip: float = 5.0
+
+    def validate(self) -> None:
+        check(self.lr > 0, "lr", "must be positive")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 640  # = micro_batch x grad_accum x world size, checked at start
+    micro_batch: int = 160
+    grad_accum: int = 4
+    steps: int = 40_000  # linear decay to 0 over all steps, after warm-up
+    zero_stage: Literal[0, 1, 2, 3] = 1  # at 110M parameters ZeRO-2/3 only cost time
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 42
+    out_dir: str = "runs/pretrain"
+    log_every: int = 50
+    val_every: int = 5000
+    val_batches: int = 50
+    ckpt_every: int = 5000
+    max_nonfinite_in_a_row: int = 20  # non-finite losses are skipped; this many in a row stop the run
+    # Stop (with a checkpoint) after this step without changing the schedule: splits a run in
+    # parts, e.g. to fit a Slurm time limit. None: run to `steps`.
+    stop_at: int | None = None
+
+    def validate(self) -> None:
+        for key in ("global_batch", "micro_batch", "grad_accum", "steps", "log_every", "val_every", "ckpt_every"):
+            check(getattr(self, key) > 0, key, "must be positive")
+        check(
+            self.global_batch % (self.micro_batch * self.grad_accum) == 0,
+            "global_batch",
+            f"{self.global_batch} is not micro_batch ({self.micro_batch}) x grad_accum ({self.grad_accum}) x a whole world size",
+        )
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps", f"exceeds train.steps ({self.train.steps})")
