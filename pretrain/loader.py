@@ -1,0 +1,411 @@
+"""The shard loader: WebDataset tars -> length-bucketed, dynamically padded `Batch`es, one stream per rank.
+
+How a rank's stream is made, and why it resumes exactly:
+- The stream is a sequence of *visits*. Visit v reads one whole shard and is fully determined by
+  (seed, rank, v): its shard, its shuffle order and its bucketing all come from one RNG seeded with them.
+  - infinite (training): the shard is drawn uniformly, with replacement, from all shards (resampling), so
+    no rank ever runs dry and every rank yields exactly as many batches as the trainer asks for.
+  - finite (validation): rank r reads shards r, r + world_size, ... (disjoint) once, in order, and stops
+    after `num_batches`: the smallest rank's batch count, which every rank computes alike from the same
+    shards without communicating, so all ranks run the same number of steps and none waits forever.
+- Inside a visit: raw members (tar_samples: webdataset's sample grouping with a ~10x faster tar reader) ->
+  memobert.schema.decode (never webdataset's .decode()) -> drop clips with fewer than min_visual_len visual
+  frames (counted) -> shuffle buffer -> length bucketing -> pretrain.batch.collate (dynamic padding).
+  Buffers start empty at every visit, so a visit's batches depend on that visit alone: floor(kept /
+  batch_size) of them in training (a random remainder is dropped, so every training batch is full),
+  ceil(kept / batch_size) in validation.
+- Workers: DataLoader worker w of num_workers serves the visits v = role (mod num_workers), with
+  role = (w + start_step) mod num_workers. The DataLoader takes one batch from each worker in turn, so
+  batch t always comes from role t mod num_workers (webdataset's split_by_worker, made resumable).
+- Resume: batch t is a function of (seed, rank, num_workers, batch_size, cfg, the shard list) and nothing
+  else. With start_step = t each role works out, from per-shard counts of kept clips, which visit holds its
+  next batch, starts there and skips the batches before it in that visit without collating them. The counts
+  cost one read of each distinct shard visited before t (cached per process), not a replay of the stream.
+  Change num_workers (0 and 1 are the same), batch_size, the shards or the filter and the resumed stream is
+  a different, still deterministic one: nothing is replayed on purpose, but the exact continuation is lost.
+- Errors: a damaged tar or an undecodable sample raises ShardError naming the file and the sample; nothing
+  is skipped silently, so batch counts and resume positions stay exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from memobert.schema import Manifest, Utterance, decode
+from pretrain.batch import Batch, collate
+from pretrain.config import DataConfig
+
+T = TypeVar("T")
+_BLOCK = 512  # tar block size
+_END = bytes(_BLOCK)  # an all-zero block ends a tar
+
+# Bucketing sorts pools of this many batches by length: bigger pools pad less but make batches more uniform.
+POOL_BATCHES = 8
+
+
+class ShardError(RuntimeError):
+    """A shard could not be read, or one of its samples could not be decoded."""
+
+
+def shard_paths(source: str | Sequence[str]) -> list[str]:
+    """Sorted .tar paths of a folder with manifest.json, a brace/glob pattern, or a list of paths/patterns."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return Manifest.load(Path(source)).shard_paths(Path(source))
+    paths = set()
+    for pattern in [str(source)] if isinstance(source, (str, os.PathLike)) else map(str, source):
+        for expanded in wds.shardlists.expand_urls(pattern):
+            paths.update(sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded])
+    if not paths:
+        raise FileNotFoundError(f"no shards match {source!r}")
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"shard not found: {path}")
+    return sorted(paths)
+
+
+def count_samples(source: str | Sequence[str]) -> int:
+    """Samples in the shards as listed by their folders' manifest.json (no shard is read)."""
+    counts: dict[Path, dict[str, int]] = {}
+    total = 0
+    for path in map(Path, shard_paths(source)):
+        if path.parent not in counts:
+            counts[path.parent] = Manifest.load(path.parent).shards
+        if path.name not in counts[path.parent]:
+            raise ValueError(f"{path} is not listed in the manifest of {path.parent}")
+        total += counts[path.parent][path.name]
+    return total
+
+
+def read_shard(path: str) -> Iterator[Utterance]:
+    """Decoded samples of one shard, in file order; a failure raises ShardError naming the file and sample."""
+    samples = tar_samples(path)
+    key = None
+    while True:
+        try:
+            raw = next(samples, None)
+        except (OSError, ValueError) as err:  # the tar itself is damaged or unreadable
+            raise ShardError(f"{path}: corrupt tar after sample {key!r}: {err}") from err
+        if raw is None:
+            return
+        key = raw["__key__"]
+        try:
+            utt = decode(raw)
+        except Exception as err:
+            raise ShardError(f"{path}: sample {key!r} does not decode: {err}") from err
+        yield utt
+
+
+def tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """The raw samples of a tar as webdataset groups them: {"__key__", "__url__", "<suffix>": bytes, ...}.
+
+    A minimal ustar/pax reader instead of webdataset's tar iterator: that one runs Python's tarfile, which
+    parses two headers per member (webdataset's writer adds a pax header for every float mtime) and reads
+    ~2,600 samples/s per core; this reads ~27,000 (docs/benchmarks.md, Loader).
+    """
+    sample: dict[str, Any] = {}
+    long_name = None  # from a pax or GNU long-name header, for the member that follows it
+    offset = 0
+    with open(path, "rb", buffering=1 << 20) as stream:  # big reads: fewer syscalls, kinder to network file systems
+        while (header := stream.read(_BLOCK)) != _END:
+            if len(header) < _BLOCK:
+                raise ValueError(f"ends at byte {offset + len(header)} without an end-of-archive block: truncated?")
+            if header[257:262] != b"ustar":
+                raise ValueError(f"no tar header at byte {offset}")
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+            data = stream.read(size)
+            if len(data) < size:
+                raise ValueError(f"member at byte {offset} is truncated: {len(data)} of {size} bytes")
+            stream.read(-size % _BLOCK)
+            offset += _BLOCK + size + -size % _BLOCK
+            kind = header[156:157]
+            if kind in (b"x", b"L"):
+                long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode()
+                continue
+            name, long_name = long_name or _header_name(header), None
+            # webdataset's rule: the key is the path up to the first dot of the file name, the rest the suffix.
+            dot = name.find(".", name.rfind("/") + 1)
+            if kind not in (b"0", b"\0") or dot < 0:
+                continue
+            key, suffix = name[:dot], name[dot + 1 :].lower()
+            if sample and key != sample["__key__"]:
+                yield sample
+                sample = {}
+            sample.setdefault("__key__", key)
+            sample.setdefault("__url__", path)
+            if suffix in sample:
+                raise ValueError(f"sample {key!r} has two {suffix!r} members")
+            sample[suffix] = data
+    if sample:
+        yield sample
+
+
+def _header_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""  # POSIX only
+    return (prefix + b"/" + name if prefix else name).decode()
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The path a pax extended header sets, if any (webdataset's only set mtime)."""
+    for line in records.split(b"\n"):
+        key, _, value = line.partition(b" ")[2].partition(b"=")
+        if key == b"path":
+            return value.decode()
+    return None
+
+
+def kept_count(path: str, min_visual_len: int) -> int:
+    """Clips of a shard with at least min_visual_len visual frames (one read per process and file version)."""
+    return _kept_count(path, min_visual_len, os.stat(path).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _kept_count(path: str, min_visual_len: int, mtime_ns: int) -> int:
+    return sum(utt.visual.shape[0] >= min_visual_len for utt in read_shard(path))
+
+
+def padded_share(batch: Batch) -> float:
+    """Share of padding in the packed sequence the model attends over: [CLS] text [SEP], visual, acoustic."""
+    lengths = batch.text_mask.sum(1) + batch.visual_mask.sum(1) + batch.acoustic_mask.sum(1)
+    return 1.0 - lengths.sum().item() / (batch.size * lengths.max().item())
+
+
+class RankStream(IterableDataset):
+    """One rank's batch stream (see the module docstring); yields (Batch, clips dropped since the last batch)."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        cfg: DataConfig,
+        *,
+        batch_size: int,
+        rank: int,
+        seed: int,
+        cls_id: int,
+        sep_id: int,
+        infinite: bool,
+        start_step: int = 0,
+        label_key: str | None = None,
+    ) -> None:
+        self.paths, self.cfg, self.batch_size, self.rank, self.seed = paths, cfg, batch_size, rank, seed
+        self.cls_id, self.sep_id, self.label_key, self.infinite = cls_id, sep_id, label_key, infinite
+        self.start_step = start_step
+        self.num_roles = max(1, cfg.num_workers)
+        # Worked out once, here in the main process: workers need only the result.
+        self.starts = [self._role_start(role) for role in range(self.num_roles)]
+        self._dropped = 0
+
+    def __iter__(self) -> Iterator[tuple[Batch, int]]:
+        info = get_worker_info()
+        role = ((info.id if info else 0) + self.start_step) % self.num_roles
+        visit, skip = self.starts[role]
+        self._dropped = 0
+        fruitless: set[str] = set()
+        while self.infinite or visit < len(self.paths):
+            path, rng = self._visit(visit)
+            produced = 0
+            for utts in self._batches(path, rng):
+                if produced >= skip:
+                    yield self._collate(utts), self._take_dropped()
+                produced += 1
+            if produced == 0 and self.infinite:
+                fruitless.add(path)
+                self._check_fruitless(fruitless)
+            visit, skip = visit + self.num_roles, 0
+
+    def visit_len(self, visit: int) -> int:
+        """Batches that a visit yields, from the kept count of its shard."""
+        kept = kept_count(self._visit(visit)[0], self.cfg.min_visual_len)
+        return kept // self.batch_size if self.infinite else math.ceil(kept / self.batch_size)
+
+    def _role_start(self, role: int) -> tuple[int, int]:
+        """The visit holding this role's batch at start_step, and how many of its batches come before it."""
+        todo = (self.start_step - role + self.num_roles - 1) // self.num_roles  # role's batches before start_step
+        visit, fruitless = role, set()
+        while todo > 0 and todo >= (n := self.visit_len(visit)):  # todo == 0 reads no shard
+            if n == 0:
+                fruitless.add(self._visit(visit)[0])
+                self._check_fruitless(fruitless)
+            todo -= n
+            visit += self.num_roles
+        return visit, todo
+
+    def _check_fruitless(self, fruitless: set[str]) -> None:
+        # Without this, a stream where no shard fills a batch would spin forever instead of failing.
+        if len(fruitless) == len(self.paths):
+            raise ShardError(
+                f"no shard has {self.batch_size} clips with >= {self.cfg.min_visual_len} visual frames "
+                f"(min_visual_len): the stream would never yield a batch"
+            )
+
+    def _visit(self, visit: int) -> tuple[str, random.Random]:
+        # A string seed is hashed with SHA-512: the same on every machine and Python run.
+        rng = random.Random(f"{self.seed}/{self.rank}/{visit}")
+        return (self.paths[rng.randrange(len(self.paths))] if self.infinite else self.paths[visit]), rng
+
+    def _batches(self, path: str, rng: random.Random) -> Iterator[list[Utterance]]:
+        """The visit's batches of utterances: filter, shuffle buffer, then pools split into batches."""
+        size = self.batch_size
+        pool_size = size * (POOL_BATCHES if self.cfg.bucket_by_length else 1)
+        pool: list[Utterance] = []
+        for utt in _shuffle(self._kept(read_shard(path)), max(1, self.cfg.shuffle_buffer), rng):
+            pool.append(utt)
+            if len(pool) == pool_size:
+                yield from self._split(pool, rng)
+                pool = []
+        if self.infinite:
+            # Training batches are full; the pool is in shuffled order, so the dropped remainder is random.
+            del pool[len(pool) - len(pool) % size :]
+        yield from self._split(pool, rng)
+
+    def _split(self, pool: list[Utterance], rng: random.Random) -> list[list[Utterance]]:
+        if self.cfg.bucket_by_length:
+            pool.sort(key=self._length)
+        batches = [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+        rng.shuffle(batches)  # else a pool's batches would come shortest first
+        return batches
+
+    def _length(self, utt: Utterance) -> int:
+        cfg = self.cfg
+        return (
+            min(len(utt.tokens), cfg.max_text_len)
+            + min(utt.visual.shape[0], cfg.max_visual_len)
+            + min(utt.audio.shape[0], cfg.max_acoustic_len)
+        )
+
+    def _kept(self, utts: Iterator[Utterance]) -> Iterator[Utterance]:
+        for utt in utts:
+            if utt.visual.shape[0] >= self.cfg.min_visual_len:
+                yield utt
+            else:
+                self._dropped += 1
+
+    def _take_dropped(self) -> int:
+        dropped, self._dropped = self._dropped, 0
+        return dropped
+
+    def _collate(self, utts: list[Utterance]) -> Batch:
+        cfg = self.cfg
+        return collate(
+            utts, self.cls_id, self.sep_id, cfg.max_text_len, cfg.max_visual_len, cfg.max_acoustic_len, self.label_key
+        )
+
+
+def _shuffle(items: Iterator[T], size: int, rng: random.Random) -> Iterator[T]:
+    """Buffer shuffle as in webdataset: once `size` items are held, each new one swaps out a random one."""
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class TimedLoader:
+    """Iterates a rank's Batches and records how long each one was waited for, and how many clips were dropped.
+
+    last_wait_s: the wait for the latest batch; total_wait_s and batches: sums since iteration began
+    (data-wait % = total_wait_s / elapsed). dropped: clips with fewer than min_visual_len visual frames in
+    the shard data read for the batches yielded so far. num_batches: None for an infinite stream, else the
+    count every rank yields.
+    """
+
+    def __init__(self, loader: DataLoader, num_batches: int | None) -> None:
+        self.loader = loader
+        self.num_batches = num_batches
+        self.last_wait_s = 0.0
+        self.total_wait_s = 0.0
+        self.batches = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an infinite (resampled) loader has no length: take as many batches as you need")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.last_wait_s = self.total_wait_s = 0.0
+        self.batches = self.dropped = 0
+        items = iter(self.loader)
+        while self.num_batches is None or self.batches < self.num_batches:
+            start = time.perf_counter()
+            item = next(items, None)
+            self.last_wait_s = time.perf_counter() - start
+            if item is None:
+                raise RuntimeError(f"stream ended after {self.batches} of {self.num_batches} batches: shard changed?")
+            batch, dropped = item
+            self.total_wait_s += self.last_wait_s
+            self.batches += 1
+            self.dropped += dropped
+            yield batch
+
+
+def build_loader(
+    source: str | Sequence[str],
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    cls_id: int,
+    sep_id: int,
+    start_step: int = 0,
+    infinite: bool = True,
+    label_key: str | None = None,
+) -> TimedLoader:
+    """This rank's loader over `source` (see the module docstring).
+
+    infinite=True (training): an endless resampled stream; `start_step` = the number of batches of this
+    loader already consumed (micro-batches, not optimizer steps), to resume the same stream. infinite=False
+    (validation): one pass over this rank's disjoint shards, cut to the same `num_batches` on every rank.
+    rank and world_size are given, never read from the environment.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if start_step < 0 or (start_step and not infinite):
+        raise ValueError(f"start_step {start_step}: must be >= 0, and 0 for a finite (validation) pass")
+    paths = shard_paths(source)
+    num_batches = None
+    if not infinite:
+        if len(paths) < world_size:
+            raise ValueError(f"{len(paths)} shards in {source!r} for {world_size} ranks: every rank needs a shard")
+        per_rank = [
+            sum(math.ceil(kept_count(p, cfg.min_visual_len) / batch_size) for p in paths[r::world_size])
+            for r in range(world_size)
+        ]
+        num_batches = min(per_rank)
+        if num_batches == 0:
+            empty = per_rank.index(0)
+            raise ValueError(f"rank {empty} has no clip with >= {cfg.min_visual_len} visual frames in {source!r}")
+        paths = paths[rank::world_size]
+    stream = RankStream(
+        paths,
+        cfg,
+        batch_size=batch_size,
+        rank=rank,
+        seed=seed,
+        cls_id=cls_id,
+        sep_id=sep_id,
+        infinite=infinite,
+        start_step=start_step,
+        label_key=label_key,
+    )
+    return TimedLoader(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers), num_batches)
