@@ -88,6 +88,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name)
+        field = fields[name]
+        if get_origin(hints[name]) is dict and field.default_factory is not dataclasses.MISSING:
+            # A mapping override updates the default mapping (tasks.ratios.wwmlm=0 keeps the others).
+            kwargs[name] = {**field.default_factory(), **kwargs[name]}
     for name, field in fields.items():
         if name in kwargs or not dataclasses.is_dataclass(hints[name]):
             continue

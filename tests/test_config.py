@@ -98,15 +98,16 @@ def test_bad_yaml_file_names_the_file(tmp_path: Path) -> None:
 
 
 def test_shipped_yaml_files_hold_only_valid_overrides() -> None:
-    from memobert.cli import CONFIG_CLASSES
+    from memobert.cli import config_classes
+
+    classes = config_classes()
 
     files = sorted((REPO / "configs").rglob("*.yaml"))
     assert files, "configs/ holds no YAML files"
     for path in files:
         folder = path.relative_to(REPO / "configs").parts[0]
-        if folder not in CONFIG_CLASSES:
-            continue
-        load_config(CONFIG_CLASSES[folder], [path])  # raises on an unknown key or bad value
+        assert folder in classes, f"{path}: no config class for configs/{folder}/"
+        load_config(classes[folder], [path])  # raises on an unknown key or bad value
 
 
 def test_cli_print_config_and_error_exit(tmp_path: Path) -> None:
