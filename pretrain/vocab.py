@@ -1,0 +1,39 @@
+"""The special token ids the pretraining loop needs, from the vocabulary the shards were tokenized with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from memobert.schema import MANIFEST_NAME, Manifest
+from pretrain.config import PretrainConfig
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    cls: int
+    sep: int
+    mask: int
+    pad: int
+    vocab_size: int
+
+
+def vocab_folder(cfg: PretrainConfig) -> str | None:
+    """The shards' manifest vocab (extractors.text.vocab), else init_from's vocab.txt, else None (bundled)."""
+    shards = Path(cfg.data.train_shards)
+    if (shards / MANIFEST_NAME).is_file():
+        recorded = Manifest.load(shards).extractors.get("text", {}).get("vocab")
+        if recorded:
+            return recorded
+    folder = cfg.model.init_from
+    if folder is not None and (Path(folder) / "vocab.txt").is_file():
+        return folder
+    return None
+
+
+def special_ids(cfg: PretrainConfig) -> SpecialIds:
+    """[CLS], [SEP], [MASK], [PAD] ids and the vocab size of the run's vocabulary."""
+    from preprocessing.text import TextTokenizer
+
+    tok = TextTokenizer(vocab_folder(cfg))
+    return SpecialIds(cls=tok.cls_id, sep=tok.sep_id, mask=tok.mask_id, pad=tok.pad_id, vocab_size=tok.vocab_size)

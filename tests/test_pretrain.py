@@ -1,0 +1,201 @@
+"""The pretraining loop on the real DeepSpeed engine (gloo on CPU), launched as users launch it.
+
+Every run is a subprocess (`memobert pretrain`, or torchrun for 2 ranks) on tiny shards with the
+cpu_tiny config, so process groups, signals and exit codes are real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from helpers import TINY_DIMS, write_tiny_shards
+from memobert.schema import Manifest, Utterance, encode
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(REPO / "configs/pretrain/cpu_tiny.yaml"), "model.acoustic_dim=16", "model.visual_dim=12"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pretrain_shards")
+    return {
+        # Token ids from a 1,000-word slice of the vocab: learnable (the unigram alone drops WWMLM's loss).
+        "train": write_tiny_shards(root / "train", 96, 4, seed=0, vocab_size=1000),
+        "val": write_tiny_shards(root / "val", 32, 2, seed=1, vocab_size=1000),
+    }
+
+
+def _pretrain(out: Path, shards: dict[str, Path], *overrides: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    args = [*TINY, f"data.train_shards={shards['train']}", f"train.out_dir={out}", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "memobert.cli", "pretrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+               "-m", "memobert.cli", "pretrain", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_losses(out: Path) -> list[tuple[int, dict[str, float]]]:
+    return [(m["step"], {k: v for k, v in m.items() if k.startswith("loss/")}) for m in _metrics(out) if "samples_per_s" in m]
+
+
+def _weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def test_mismatched_batch_arithmetic_fails_before_start(tmp_path: Path, shards: dict[str, Path]) -> None:
+    # validate() accepts 32 (a multiple of 8 x 2); only the world size at start shows it is wrong.
+    result = _pretrain(tmp_path / "run", shards, "train.global_batch=32", check=False)
+    assert result.returncode == 2
+    assert "'train.global_batch': 32 != train.micro_batch (8) x train.grad_accum (2) x world size (1)" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_feature_dims_must_match_the_shards(tmp_path: Path, shards: dict[str, Path]) -> None:
+    result = _pretrain(tmp_path / "run", shards, "model.acoustic_dim=768", check=False)
+    assert result.returncode == 2 and "'model.acoustic_dim' is 768" in result.stderr and "dim 16" in result.stderr
+
+
+def test_trains_logs_validates_and_exports(tmp_path: Path, shards: dict[str, Path]) -> None:
+    from pretrain.export import load_checkpoint_model, load_model
+    from pretrain.model import MEmoBERT
+
+    out = tmp_path / "run"
+    _pretrain(out, shards, f"data.val_shards={shards['val']}", "train.steps=30", "train.log_every=5",
+              "train.val_every=15", "tasks.mode=all", "optim.warmup_steps=3")
+    metrics = _metrics(out)
+    train = [m for m in metrics if "samples_per_s" in m]
+    val = [m for m in metrics if "val/wwmlm" in m]
+    assert [m["step"] for m in train] == [5, 10, 15, 20, 25, 30] and [m["step"] for m in val] == [15, 30]
+    # Frame features here are noise (their tasks can only learn the mean: test_tasks overfits them);
+    # the token distribution is learnable.
+    assert train[-1]["loss/wwmlm"] < train[0]["loss/wwmlm"] - 0.3 and val[-1]["val/wwmlm"] < val[0]["val/wwmlm"]
+    for task in ("wwmlm", "spanmvfr", "spanmvfckl", "spanmafr"):
+        assert math.isfinite(train[-1][f"loss/{task}"]) and math.isfinite(val[-1][f"val/{task}"])
+    assert all(0 <= m["data_wait_pct"] <= 100 and m["samples_per_s"] > 0 for m in train)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    exported = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "memobert.cli", "export", str(out), str(exported)], check=True, cwd=REPO,
+                   capture_output=True)
+    assert {"config.json", "model.safetensors", "vocab.txt", "features.json"} <= {p.name for p in exported.iterdir()}
+    assert json.loads((exported / "features.json").read_text())["dims"] == TINY_DIMS
+    reloaded = MEmoBERT.load_pretrained(exported)
+    from_ckpt, _ = load_checkpoint_model(out / "checkpoints")
+    checkpoint = _weights(out / "checkpoints" / "step_30")
+    for name, param in reloaded.state_dict().items():  # every parameter survives export and reload
+        torch.testing.assert_close(param, from_ckpt.state_dict()[name], rtol=0, atol=0, msg=name)
+        if name in checkpoint:
+            torch.testing.assert_close(param, checkpoint[name].float(), rtol=0, atol=0, msg=name)
+    same = load_model(out)  # finetuning accepts the raw DeepSpeed run folder too
+    assert all(torch.equal(same.state_dict()[k], v) for k, v in reloaded.state_dict().items())
+
+
+def test_resume_continues_the_same_run(tmp_path: Path, shards: dict[str, Path]) -> None:
+    common = ["train.steps=8", "train.log_every=1", "optim.warmup_steps=2"]
+    _pretrain(tmp_path / "whole", shards, *common)
+    first = _pretrain(tmp_path / "split", shards, *common, "train.stop_at=4")
+    assert "step 4 (stop_at)" in first.stdout
+    second = _pretrain(tmp_path / "split", shards, *common)
+    assert "resumed from" in second.stderr and "step 8 (finished)" in second.stdout
+
+    whole, split = _weights(tmp_path / "whole/checkpoints/step_8"), _weights(tmp_path / "split/checkpoints/step_8")
+    assert whole.keys() == split.keys()
+    for name in whole:  # bit-identical: model, optimizer, schedule, task draws, masks, dropout and data position
+        assert torch.equal(whole[name], split[name]), name
+    assert _train_losses(tmp_path / "whole") == _train_losses(tmp_path / "split")
+
+
+def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes(tmp_path: Path, shards: dict[str, Path]) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "memobert.cli", "pretrain", *TINY, f"data.train_shards={shards['train']}",
+           f"train.out_dir={out}", "train.steps=100000", "train.log_every=1", "train.ckpt_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):  # wait for real progress
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "(preempted)" in stdout
+    stopped = json.loads((out / "checkpoints" / (out / "checkpoints/latest").read_text().strip() / "trainer_state.json").read_text())
+    assert stopped["step"] >= 3
+
+    rerun = _pretrain(out, shards, "train.steps=100000", f"train.stop_at={stopped['step'] + 2}", "train.log_every=1")
+    assert f"resumed from {out / 'checkpoints'} at step {stopped['step']}" in rerun.stderr
+    steps = [m["step"] for m in _metrics(out)]
+    assert steps[-2:] == [stopped["step"] + 1, stopped["step"] + 2]  # continued, not restarted
+
+
+def test_two_ranks_same_losses_across_zero_stages(tmp_path: Path, shards: dict[str, Path]) -> None:
+    common = ["train.steps=5", "train.log_every=1", "train.micro_batch=4", "train.grad_accum=2", "optim.warmup_steps=1"]
+    losses = {}
+    for stage in (0, 1, 2):
+        out = tmp_path / f"zero{stage}"
+        _pretrain(out, shards, *common, f"train.zero_stage={stage}", nproc=2)
+        losses[stage] = _train_losses(out)
+        assert json.loads((out / "checkpoints/step_5/trainer_state.json").read_text())["world_size"] == 2
+    assert [step for step, _ in losses[0]] == [1, 2, 3, 4, 5]
+    for stage in (1, 2):
+        for (_, a), (_, b) in zip(losses[0], losses[stage]):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (stage, key)
+
+
+def _nan_shards(folder: Path, every: int) -> Path:
+    """Shards where every `every`-th utterance has NaN acoustic features."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(folder / "shard-000000.tar")) as sink:
+        for i in range(48):
+            audio = rng.normal(size=(20, TINY_DIMS["audio"]))
+            if i % every == 0:
+                audio[3] = np.nan
+            sink.write(encode(Utterance(
+                key=f"u{i:04d}", meta={"id": i}, tokens=rng.integers(1000, 2000, 12), words=np.arange(12),
+                audio=audio, visual=rng.normal(size=(15, TINY_DIMS["visual"])), vprob=np.full((15, 8), 0.125),
+            )))
+    Manifest(shards={"shard-000000.tar": 48}, dims=dict(TINY_DIMS)).save(folder)
+    return folder
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
+    some = {"train": _nan_shards(tmp_path / "some", every=12)}
+    _pretrain(tmp_path / "ok", some, "train.steps=6", "train.log_every=6", "tasks.mode=all", "data.shuffle_buffer=1",
+              "optim.warmup_steps=2")
+    assert _metrics(tmp_path / "ok")[-1]["nonfinite_skipped"] > 0
+    assert all(math.isfinite(v) for v in _train_losses(tmp_path / "ok")[-1][1].values())
+
+    every = {"train": _nan_shards(tmp_path / "all", every=1)}
+    failed = _pretrain(tmp_path / "bad", every, "train.steps=6", "optim.warmup_steps=2", "train.max_nonfinite_in_a_row=3",
+                       check=False)
+    assert failed.returncode != 0 and "3 non-finite losses in a row at step 0" in failed.stderr
