@@ -20,12 +20,15 @@ log = logging.getLogger("memobert")
 def config_classes() -> dict[str, type]:
     """configs/<folder>/*.yaml hold overrides of these classes (imported here, not at start-up:
     a command pays only for the stage it runs)."""
+    from finetune.config import FinetuneConfig
     from memobert.demo import DemoConfig
     from preprocessing.config import PreprocessConfig
     from preprocessing.synth.config import SynthConfig
+    from preprocessing.fer import FerTrainConfig
     from pretrain.config import PretrainConfig
 
-    return {"synth": SynthConfig, "demo": DemoConfig, "preprocess": PreprocessConfig, "pretrain": PretrainConfig}
+    return {"synth": SynthConfig, "demo": DemoConfig, "preprocess": PreprocessConfig, "train_fer": FerTrainConfig,
+            "pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +64,29 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(config)
 
 
+def _cmd_preprocess(args: argparse.Namespace) -> None:
+    from preprocessing.config import PreprocessConfig
+
+    config = resolve_config(PreprocessConfig, args)
+    from preprocessing.pipeline import preprocess
+
+    manifest = preprocess(Path(args.input), Path(args.out), config, ray_address=args.ray_address)
+    failures = Path(args.out) / "failures.jsonl"
+    print(f"{manifest.num_samples} samples in {len(manifest.shards)} shards under {Path(args.out).resolve()}")
+    if failures.is_file():
+        print(f"failed units (with reasons): {failures}")
+
+
+def _cmd_train_fer(args: argparse.Namespace) -> None:
+    from preprocessing.fer import FerTrainConfig
+
+    config = resolve_config(FerTrainConfig, args)
+    from preprocessing.fer import train_fer
+
+    report = train_fer(Path(args.fer2013), Path(args.ferplus), Path(args.out), config)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()))
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from pretrain.config import PretrainConfig
 
@@ -76,6 +102,27 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     out = export(Path(args.checkpoint), Path(args.out))
     print(f"exported {args.checkpoint} -> {out}")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from finetune.config import FinetuneConfig
+
+    shortcuts = {"data.shards": args.data, "data.protocol": args.protocol, "settings": args.settings,
+                 "checkpoint": args.checkpoint, "seeds": args.seeds, "folds": args.folds, "out_dir": args.out}
+    config = resolve_config(FinetuneConfig, args, shortcuts)
+    from finetune.run import run_finetune
+
+    results = run_finetune(config)
+    print(results.read_text(), end="")
+    print(f"\nresults: {results}")
+
+
+def _int_list(text: str) -> list[int]:
+    """'42,1234' -> [42, 1234] (passed on as a YAML list, so the config sees integers)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(demo)
     demo.set_defaults(func=_cmd_demo)
 
+    preprocess = sub.add_parser("preprocess", help="videos or a labeled corpus -> WebDataset shards (Ray)")
+    preprocess.add_argument("--input", required=True, help="folder of videos with subtitles, an IEMOCAP / MSP-IMPROV folder or a CSV manifest")
+    preprocess.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    preprocess.add_argument("--ray-address", help="a running Ray cluster (default: a local one)")
+    _add_config_args(preprocess)
+    preprocess.set_defaults(func=_cmd_preprocess)
+
+    train_fer = sub.add_parser("train-fer", help="train the DenseNet-BC-100 FER+ face encoder")
+    train_fer.add_argument("--fer2013", required=True, help="fer2013.csv")
+    train_fer.add_argument("--ferplus", required=True, help="fer2013new.csv (FER+ votes)")
+    train_fer.add_argument("--out", required=True, help="checkpoint file to write")
+    _add_config_args(train_fer)
+    train_fer.set_defaults(func=_cmd_train_fer)
+
     pretrain = sub.add_parser("pretrain", help="MEmoBERT pretraining under DeepSpeed (single process, torchrun or deepspeed)")
     # The deepspeed launcher appends --local_rank; the rank is read from the environment instead.
     pretrain.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -106,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a run's checkpoints/ folder (latest) or one step_N folder")
     export.add_argument("out", help="output folder")
     export.set_defaults(func=_cmd_export)
+
+    finetune = sub.add_parser("finetune", help="the downstream settings over CV folds and seeds -> results table")
+    finetune.add_argument("--data", help="shortcut for data.shards=DIR (labeled shards)")
+    finetune.add_argument("--protocol", help="shortcut for data.protocol=iemocap|msp_improv")
+    finetune.add_argument("--settings", help="shortcut for settings=direct,bert_direct,pretrain_finetune,pretrain_prompt")
+    finetune.add_argument("--checkpoint", help="shortcut for checkpoint=DIR (an export or a DeepSpeed run/checkpoint)")
+    finetune.add_argument("--seeds", type=_int_list, help="shortcut for seeds=42,1234,...")
+    finetune.add_argument("--folds", type=_int_list, help="shortcut for folds=1,2,... (1-based; default all)")
+    finetune.add_argument("--out", help="shortcut for out_dir=DIR")
+    _add_config_args(finetune)
+    finetune.set_defaults(func=_cmd_finetune)
     return parser
 
 

@@ -455,7 +455,8 @@ class Wav2Vec2Encoder:
     def _prepare(self, wave: np.ndarray) -> Tensor:
         if wave.ndim != 1:
             raise ValueError(f"expected a mono wave [samples], got shape {wave.shape}")
-        x = torch.as_tensor(np.asarray(wave, dtype=np.float32), device=self.device)
+        # A copy: arrays from Ray's object store are read-only, which torch warns about.
+        x = torch.as_tensor(np.array(wave, dtype=np.float32), device=self.device)
         if self.backend.normalize:
             x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)  # as HF's feature extractor does
         return x

@@ -103,7 +103,24 @@ class TextConfig:
 class ShardConfig:
     max_bytes: int = 1_000_000_000
     max_count: int = 100_000
-    missing_modality: Literal["keep_empty", "drop"] = "keep_empty"
+    # What happens to an utterance whose face step found no usable face: the pretraining recipe
+    # drops such clips; labeled corpora keep them (configs/preprocess/labeled.yaml), since every
+    # test utterance must be evaluated.
+    missing_modality: Literal["keep_empty", "drop"] = "drop"
+
+
+@dataclass
+class RayConfig:
+    num_cpus: int | None = None  # local cluster only; None: every core
+    audio_actors: int = 1
+    visual_actors: int = 1
+    # On CPU clusters the unit tasks block while the actors compute (Ray frees a blocked task's
+    # CPU), so actors reserve none; on GPU clusters each actor takes one GPU and one CPU.
+    cpus_per_actor: float = 0.0
+
+    def validate(self) -> None:
+        check(self.audio_actors >= 1, "audio_actors", "must be >= 1")
+        check(self.visual_actors >= 1, "visual_actors", "must be >= 1")
 
 
 @dataclass
@@ -115,4 +132,5 @@ class PreprocessConfig:
     visual: VisualConfig = field(default_factory=VisualConfig)
     text: TextConfig = field(default_factory=TextConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     seed: int = 0

@@ -1,0 +1,150 @@
+"""`memobert preprocess` end to end: a real local Ray, real MTCNN and decoders, tiny random encoders.
+
+Each run is a subprocess, as users run it, on a few videos of the synthetic corpus (every video
+costs seconds of face detection on 2 cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from memobert.schema import Manifest
+from preprocessing.adapters import load_iemocap
+from preprocessing.shards import read_utterances
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(REPO / "configs/preprocess/tiny_cpu.yaml")]
+MOVIES = ("movie_0000", "movie_0005")  # a sidecar .srt and an embedded subtitle stream
+
+
+def _link_movies(corpus: Path, folder: Path, names: tuple[str, ...]) -> Path:
+    folder.mkdir(parents=True)
+    for name in names:
+        for path in (corpus / "movies").glob(f"{name}.*"):
+            (folder / path.name).symlink_to(path)
+    return folder
+
+
+def _preprocess(source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "memobert.cli", "preprocess", "--input", str(source), "--out", str(out), *TINY, *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _samples(out: Path) -> list:
+    manifest = Manifest.load(out)
+    return [u for shard in manifest.shard_paths(out) for u in read_utterances(Path(shard))]
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard-*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def movies(synth_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("prep_movies")
+    source = _link_movies(synth_corpus, root / "movies", MOVIES)
+    _preprocess(source, root / "out")
+    return {"source": source, "out": root / "out"}
+
+
+def test_movies_schema_counts_and_active_speaker(movies: dict[str, Path], synth_corpus: Path) -> None:
+    manifest = Manifest.load(movies["out"])
+    assert manifest.dims == {"audio": 64, "visual": 24, "vprob": 8}  # the tiny encoders' widths
+    assert manifest.extractors["text"]["vocab"] and manifest.extractors["audio"]["sha256"]
+    samples = _samples(movies["out"])
+    assert len({u.key for u in samples}) == len(samples) == manifest.num_samples
+
+    truth = {name: json.loads((synth_corpus / "ground_truth/movies" / f"{name}.json").read_text()) for name in MOVIES}
+    kept = {f"{name}_{i:04d}": cue for name, gt in truth.items()
+            for i, cue in enumerate(c for c in gt["cues"] if c["kept"])}
+    assert {u.key for u in samples} <= set(kept)  # nothing invented; only face-less clips may be missing
+    assert len(samples) >= 0.9 * len(kept)
+    right = 0
+    for utt in samples:
+        cue = kept[utt.key]
+        assert utt.meta["text"] == cue["text"] and utt.meta["start"] == pytest.approx(cue["start"], abs=0.01)
+        assert utt.tokens.dtype == np.int32 and len(utt.tokens) == len(utt.words) > 0
+        assert utt.audio.dtype == np.float16 and utt.audio.shape[1] == 64
+        assert abs(len(utt.audio) - (cue["end"] - cue["start"]) / 0.06) <= 2  # 60 ms pooled frames
+        assert 0 < len(utt.visual) <= 36 and utt.visual.shape[1] == 24 and utt.vprob.shape == (len(utt.visual), 8)
+        np.testing.assert_allclose(utt.vprob.astype(np.float32).sum(1), 1.0, atol=1e-2)
+        right += utt.meta["speaker_track"] == cue["speaker"]  # tracks are numbered left to right
+    assert right >= 0.9 * len(samples)
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_shards(movies: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "memobert.cli", "preprocess", "--input", str(movies["source"]), "--out", str(out), *TINY]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "units.jsonl"
+    deadline = time.monotonic() + 600
+    while not (log.is_file() and log.read_text().count("\n") >= 1):  # one unit finished, the other in flight
+        assert proc.poll() is None and time.monotonic() < deadline, "preprocess ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+
+    rerun = _preprocess(movies["source"], out)
+    assert "1 already done" in rerun.stderr
+    assert _digests(out) == _digests(movies["out"])  # same keys, same bytes: no duplicate, nothing lost
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", *args], check=True)
+
+
+def test_bad_inputs_are_recorded_and_the_good_ones_processed(synth_corpus: Path, tmp_path: Path) -> None:
+    src = tmp_path / "videos"
+    _link_movies(synth_corpus, src, ("movie_0002",))
+    good = synth_corpus / "movies" / "movie_0002.mp4"
+    subs = (synth_corpus / "movies" / "movie_0002.srt").read_text()
+    (src / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    (src / "zero.mp4").write_bytes(b"")
+    _ffmpeg("-i", str(good), "-an", "-c:v", "copy", str(src / "silent.mp4"))
+    _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=320x240:d=6:r=25", "-f", "lavfi", "-i", "sine=f=220:d=6",
+            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(src / "faceless.mp4"))
+    shutil.copy(good, src / "empty_subs.mp4")
+    shutil.copy(good, src / "garbage_subs.mp4")
+    for name in ("truncated", "zero", "silent", "faceless"):
+        (src / f"{name}.srt").write_text(subs)
+    (src / "empty_subs.srt").write_text("")
+    (src / "garbage_subs.srt").write_text("this is not\na subtitle file\n")
+
+    out = tmp_path / "out"
+    _preprocess(src, out)
+    failures = {json.loads(line)["unit"]: json.loads(line)["reason"] for line in (out / "failures.jsonl").read_text().splitlines()}
+    assert set(failures) == {"truncated", "zero", "silent", "faceless", "empty_subs", "garbage_subs"}
+    assert "zero.mp4" in failures["zero"] and "truncated.mp4" in failures["truncated"]
+    assert "audio" in failures["silent"] and "no_face" in failures["faceless"]
+    assert "empty_subs" in failures["empty_subs"] and "garbage_subs.srt" in failures["garbage_subs"]
+    assert {u.key.rsplit("_", 1)[0] for u in _samples(out)} == {"movie_0002"}
+
+
+def test_labeled_iemocap_session(synth_corpus: Path, tmp_path: Path) -> None:
+    root = tmp_path / "iemocap"
+    root.mkdir()
+    (root / "Session1").symlink_to(synth_corpus / "iemocap" / "Session1")
+    segments, _ = load_iemocap(root)
+    out = tmp_path / "out"
+    _preprocess(root, out, "--config", str(REPO / "configs/preprocess/labeled.yaml"))
+    samples = {u.key: u for u in _samples(out)}
+    assert set(samples) == {s.key for s in segments}  # labeled corpora keep every utterance
+    for seg in segments:
+        meta = samples[seg.key].meta
+        assert (meta["label"], meta["speaker"], meta["session"], meta["text"]) == (seg.label, seg.speaker, 1, seg.text)
+    assert sum(len(u.visual) > 0 for u in samples.values()) >= 0.8 * len(samples)  # both actors on screen
