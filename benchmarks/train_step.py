@@ -28,7 +28,7 @@ from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.loader import build_loader, padded_share  # noqa: E402
 from pretrain.model import MEmoBERT  # noqa: E402
 from pretrain.tasks import TaskSampler, build_tasks  # noqa: E402
-from pretrain.train import _init_distributed, _linear_warmup_decay, _param_groups, deepspeed_config  # noqa: E402
+from pretrain.train import init_distributed, linear_warmup_decay, param_groups, deepspeed_config  # noqa: E402
 from pretrain.vocab import special_ids  # noqa: E402
 
 
@@ -92,8 +92,8 @@ def main() -> None:
     # Plain PyTorch: fp32 weights, bf16 autocast on GPU, the same optimizer, schedule and clipping.
     torch.manual_seed(0)
     plain = MEmoBERT.from_config(cfg.model, vocab_size=ids.vocab_size).to(device)
-    opt = torch.optim.AdamW(_param_groups(plain, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _linear_warmup_decay(10, 100000))
+    opt = torch.optim.AdamW(param_groups(plain, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
 
     def plain_step(loss: torch.Tensor, last: bool) -> None:
@@ -110,11 +110,11 @@ def main() -> None:
 
     import deepspeed
 
-    _init_distributed()
+    init_distributed()
     torch.manual_seed(0)
     model = MEmoBERT.from_config(cfg.model, vocab_size=ids.vocab_size)
-    opt = torch.optim.AdamW(_param_groups(model, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _linear_warmup_decay(10, 100000))
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, bf16=use_cuda))
 

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,7 @@ class TrainResult:
 
 def train(cfg: PretrainConfig) -> TrainResult:
     """Train (or resume) the run in `cfg.train.out_dir` until `cfg.train.steps` or SIGTERM."""
-    rank, world_size = _init_distributed()
+    rank, world_size = init_distributed()
     _check_batch_arithmetic(cfg, world_size)
     _check_feature_dims(cfg)
     use_cuda = torch.cuda.is_available()
@@ -65,9 +65,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = MEmoBERT.from_config(cfg.model, vocab_size=ids.vocab_size)
     optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup_decay(cfg.optim.warmup_steps, cfg.train.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.optim.warmup_steps, cfg.train.steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16)
     )
@@ -307,7 +307,7 @@ def _check_feature_dims(cfg: PretrainConfig) -> None:
             )
 
 
-def _init_distributed() -> tuple[int, int]:
+def init_distributed() -> tuple[int, int]:
     """Join the process group the launcher describes; a bare process becomes a world of one."""
     import deepspeed
 
@@ -325,8 +325,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # BERT convention: no decay on biases and LayerNorm weights.
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups by the BERT convention: no decay on biases and LayerNorm weights."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -335,7 +335,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _linear_warmup_decay(warmup: int, total: int):
+def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up to 1 over `warmup` steps, then linear decay to 0 at `total`."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)

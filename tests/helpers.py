@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,19 @@ def write_tiny_shards(
     seed: int = 0,
     *,
     vocab_size: int = 1000,
+    speakers: Sequence[str] | None = None,
+    class_signal: float = 0.0,
 ) -> Path:
     """Write `n_samples` random utterances of mixed lengths into exactly `n_shards` tars plus manifest.json.
 
     Lengths are drawn so that every edge case appears: text 1-40 tokens (> 30), visual 0-48 frames
     (< 10 and > 36), audio 0-80 frames (> 64). Token ids lie in [5, vocab_size). Metadata carries the
     downstream fields too (label in 0..3, speaker, session) so finetuning tests can use the same shards.
+
+    speakers: real protocol speaker ids (e.g. Ses01F, F01); utterance i is spoken by speakers[i % n], its
+    session is the id's number and its label (i // n) % 4, so every speaker has every class. Without it:
+    speakers spk0..spk2, label i % 4. class_signal > 0 makes labels learnable: the first token becomes
+    vocab_size + label and every frame's feature `label` is shifted by class_signal.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -37,7 +45,12 @@ def write_tiny_shards(
         name = f"shard-{shard:06d}.tar"
         with wds.TarWriter(str(folder / name)) as sink:
             for i in indices:
-                sink.write(encode(_random_utterance(int(i), rng, dims, vocab_size)))
+                utt = _random_utterance(int(i), rng, dims, vocab_size)
+                if speakers:
+                    _assign_speaker(utt, int(i), speakers)
+                if class_signal:
+                    _add_class_signal(utt, class_signal, vocab_size)
+                sink.write(encode(utt))
         counts[name] = len(indices)
     Manifest(
         shards=counts,
@@ -77,3 +90,16 @@ def _random_utterance(i: int, rng: np.random.Generator, dims: Mapping[str, int],
         visual=rng.standard_normal((n_visual, dims["visual"])),
         vprob=vprob / vprob.sum(1, keepdims=True),
     )
+
+
+def _assign_speaker(utt: Utterance, i: int, speakers: Sequence[str]) -> None:
+    speaker = speakers[i % len(speakers)]
+    utt.meta.update(speaker=speaker, session=int(re.search(r"\d+", speaker).group()), label=(i // len(speakers)) % 4)
+
+
+def _add_class_signal(utt: Utterance, strength: float, vocab_size: int) -> None:
+    # Applied after every random draw, so the RNG stream (and all other samples) stay as without it.
+    label = utt.meta["label"]
+    utt.tokens[0] = vocab_size + label
+    utt.audio[:, label] += strength
+    utt.visual[:, label] += strength

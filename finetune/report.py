@@ -1,0 +1,136 @@
+"""Run records -> results.md (paper-style tables), results.csv, missing_modalities.csv, confusion PNGs.
+
+Every number is the mean over folds per seed, then mean +- std over seeds (finetune.metrics.aggregate).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from finetune.metrics import Summary, aggregate
+from finetune.protocols import CLASSES, folds_for
+
+if TYPE_CHECKING:
+    from finetune.config import FinetuneConfig
+
+SETTING_NAMES = {
+    "direct": "Direct",
+    "bert_direct": "BERT+Direct",
+    "pretrain_finetune": "Pretrain+Finetune",
+    "pretrain_prompt": "Pretrain+Prompt",
+}
+METRICS = ("wa", "uar", "wf1")
+# The missing-modality table's columns: single modalities first, the full input last.
+TABLE_SUBSETS = ("t", "a", "v", "ta", "tv", "av", "tav")
+
+
+def subset_name(subset: str) -> str:
+    """"ta" -> "T+A"."""
+    return "+".join(m.upper() for m in subset)
+
+
+def subset_scores(record: dict[str, Any], subset: str) -> dict[str, float]:
+    """A run's test scores with only `subset` of the modalities given."""
+    return record["scores"] if subset == "tav" else record["missing_modalities"][subset]["scores"]
+
+
+def summarize(records: Sequence[dict[str, Any]], setting: str, subset: str = "tav") -> dict[str, Summary]:
+    """Per metric: fold means per seed, then mean and std over seeds, for one setting and modality subset."""
+    per_seed: dict[str, dict[int, list[float]]] = {m: defaultdict(list) for m in METRICS}
+    for record in records:
+        if record["setting"] == setting:
+            values = subset_scores(record, subset)
+            for metric in METRICS:
+                per_seed[metric][record["seed"]].append(values[metric])
+    return {metric: aggregate(dict(per_seed[metric])) for metric in METRICS}
+
+
+def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str, Any]]) -> Path:
+    """Write the tables, CSVs and confusion PNGs under out_dir; returns results.md."""
+    out_dir = Path(out_dir)
+    settings = list(cfg.settings)
+    full = {s: summarize(records, s) for s in settings}
+    missing = {(s, sub): summarize(records, s, sub) for s in settings for sub in TABLE_SUBSETS}
+    _write_csv(out_dir / "results.csv", {(s, "tav"): full[s] for s in settings})
+    _write_csv(out_dir / "missing_modalities.csv", missing)
+    pngs = {s: plot_confusion(records, s, out_dir / "confusion" / f"{s}.png") for s in settings}
+
+    n_folds = len(folds_for(cfg.data.protocol))
+    folds = cfg.fold_numbers
+    fold_text = f"all {n_folds} folds" if len(folds) == n_folds else f"folds {_join(folds)} of {n_folds} (partial)"
+    lines = [
+        f"# Finetuning results: {cfg.data.protocol}",
+        "",
+        f"{len(CLASSES)} classes ({', '.join(CLASSES)}); {fold_text}; seeds {_join(cfg.seeds)}.",
+        "Model selection and early stopping on the validation speaker; the test speaker is evaluated once, "
+        "with the selected weights.",
+        "Mean over folds per seed, then mean ± std over seeds, in %.",
+        "",
+        "| Setting | WA | UAR | WF1 |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {SETTING_NAMES[s]} | " + " | ".join(_pm(full[s][m]) for m in METRICS) + " |" for s in settings]
+    lines += [
+        "",
+        "## Missing modalities (beyond the paper)",
+        "",
+        "UAR (%) on the test speaker when only the listed modalities are given (the others empty: no frames, "
+        "text reduced to [CLS] [SEP] plus the prompt template), same trained models. "
+        "All metrics: missing_modalities.csv.",
+        "",
+        "| Setting | " + " | ".join(subset_name(sub) for sub in TABLE_SUBSETS) + " |",
+        "|---|" + "---|" * len(TABLE_SUBSETS),
+    ]
+    lines += [
+        f"| {SETTING_NAMES[s]} | " + " | ".join(_pm(missing[s, sub]["uar"]) for sub in TABLE_SUBSETS) + " |"
+        for s in settings
+    ]
+    lines += ["", "## Confusion matrices (test speakers, summed over folds and seeds)", ""]
+    lines += [f"![{SETTING_NAMES[s]}]({path.relative_to(out_dir).as_posix()})" for s, path in pngs.items()]
+    path = out_dir / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot_confusion(records: Sequence[dict[str, Any]], setting: str, path: Path) -> Path:
+    """One setting's test confusion matrix summed over its runs, as a PNG (counts, colour = row share)."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global pyplot state
+
+    runs = [r for r in records if r["setting"] == setting]
+    counts = np.sum([np.asarray(r["confusion"]) for r in runs], axis=0)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig = Figure(figsize=(4.8, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=30)
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{SETTING_NAMES[setting]} ({len(runs)} runs)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _write_csv(path: Path, table: dict[tuple[str, str], dict[str, Summary]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["setting", "modalities", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std"))])
+        for (setting, subset), summary in table.items():
+            stats = [f"{v:.6f}" for m in METRICS for v in (summary[m].mean, summary[m].std)]
+            writer.writerow([setting, subset_name(subset), len(summary["uar"].per_seed), *stats])
+
+
+def _pm(summary: Summary) -> str:
+    return f"{100 * summary.mean:.2f} ± {100 * summary.std:.2f}"
+
+
+def _join(values: Sequence[int]) -> str:
+    return ", ".join(map(str, values))

@@ -1,0 +1,87 @@
+"""The paper's four downstream settings as models with one interface: forward(batch) -> class scores [B, C],
+loss(batch) -> scalar.
+
+direct             MEmoBERT from random init (the checkpoint's shape, else the flavor's) + a new classifier
+bert_direct        MEmoBERT initialised from a text BERT (ModelConfig.init_from) + a new classifier
+pretrain_finetune  the pretrained MEmoBERT + a new classifier on [CLS]
+pretrain_prompt    the pretrained MEmoBERT through its MLM head (finetune/prompt.py), no new parameters
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+from transformers import BertConfig
+
+from finetune.config import PRETRAINED_SETTINGS, FinetuneConfig
+from finetune.prompt import PromptModel, Template
+from finetune.protocols import CLASSES
+from memobert.config import ConfigError
+from pretrain.batch import Batch
+from pretrain.config import ModelConfig
+from pretrain.model import ClassificationHead, MEmoBERT
+from preprocessing.text import TextTokenizer, default_vocab_folder
+
+
+class ClassifierModel(nn.Module):
+    """MEmoBERT + the authors' head on [CLS]: dropout, FC-GELU-LayerNorm-FC."""
+
+    def __init__(self, backbone: MEmoBERT, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        config = backbone.config
+        # Dropout on the [CLS] input, as BERT's own classifiers do.
+        head = ClassificationHead(config.hidden_size, num_classes, config.layer_norm_eps)
+        self.head = nn.Sequential(nn.Dropout(dropout), head)
+        self.head.apply(backbone._init_new)
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.head(self.backbone.encode(batch).cls)
+
+    def loss(self, batch: Batch) -> Tensor:
+        return F.cross_entropy(self(batch), batch.labels)
+
+
+def build_model(
+    setting: str,
+    cfg: FinetuneConfig,
+    dims: dict[str, int],
+    tokenizer: TextTokenizer,
+    pretrained: MEmoBERT | None,
+) -> nn.Module:
+    """A fresh model for one run of `setting` (seed torch first: random init and dropout follow it).
+
+    dims: acoustic_dim / visual_dim / vprob_dim of the data; pretrained: the loaded checkpoint (copied,
+    never changed), or None when no checkpoint was given.
+    """
+    if pretrained is not None:
+        check_dims(pretrained, dims)
+    if setting == "direct":
+        if pretrained is not None:
+            backbone = MEmoBERT(BertConfig.from_dict(pretrained.config.to_dict()), pretrained.model_cfg)
+        else:
+            backbone = MEmoBERT.from_config(ModelConfig(flavor=cfg.model.flavor, **dims), vocab_size=tokenizer.vocab_size)
+    elif setting == "bert_direct":
+        folder = cfg.model.bert_folder or default_vocab_folder()
+        backbone = MEmoBERT.from_config(ModelConfig(init_from=folder, **dims), vocab_size=tokenizer.vocab_size)
+    elif setting in PRETRAINED_SETTINGS:
+        if pretrained is None:
+            raise ConfigError(f"config key 'checkpoint': {setting} needs a pretrained checkpoint")
+        backbone = copy.deepcopy(pretrained)  # deepcopy keeps the MLM decoder tied to the word embeddings
+    else:
+        raise ValueError(f"unknown setting {setting!r}")
+    if setting == "pretrain_prompt":
+        template = Template.from_text(cfg.prompt.template, tokenizer, cfg.prompt.position)
+        label_ids = tokenizer.label_word_ids(list(cfg.prompt.label_words))
+        return PromptModel(backbone, template, label_ids, cfg.data.max_text_len, cfg.prompt.loss)
+    return ClassifierModel(backbone, len(CLASSES), cfg.model.classifier_dropout)
+
+
+def check_dims(model: MEmoBERT, dims: dict[str, int]) -> None:
+    """The checkpoint must have been pretrained on features of the data's dims."""
+    for key, value in dims.items():
+        expected = getattr(model.model_cfg, key)
+        if expected != value:
+            raise ConfigError(f"config key 'checkpoint': its model has {key} {expected}, the labeled shards {value}")
