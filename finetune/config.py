@@ -8,10 +8,15 @@ from typing import Literal, get_args
 from finetune.protocols import CLASSES, folds_for
 from memobert.config import check
 
-Setting = Literal["direct", "bert_direct", "pretrain_finetune", "pretrain_prompt"]
+Setting = Literal["direct", "bert_direct", "pretrain_finetune", "pretrain_prompt", "mfn", "m3er"]
 SETTINGS: tuple[str, ...] = get_args(Setting)
+# The paper's four settings: the default list. The baselines (finetune/baselines/) are opt-in.
+PAPER_SETTINGS = SETTINGS[:4]
+BASELINE_SETTINGS = ("mfn", "m3er")
 # Settings whose backbone is the pretrained MEmoBERT: they need `checkpoint`.
 PRETRAINED_SETTINGS = ("pretrain_finetune", "pretrain_prompt")
+# Settings that read a given checkpoint (direct takes its shape); the others ignore it.
+CHECKPOINT_SETTINGS = ("direct", *PRETRAINED_SETTINGS)
 
 
 @dataclass
@@ -59,6 +64,64 @@ class PromptConfig:
 
 
 @dataclass
+class MFNConfig:
+    """MFN (Zadeh et al. 2018): the `mfn` setting, and M3ER's classifier."""
+
+    # Every modality is average-pooled into this many equal time bins (M3ER's 20 aligned steps).
+    steps: int = 20
+    # Sizes: the authors' released MOSI config (pliang279/MFN configs/mosi.json: cellsizes, memsize,
+    # contextSize, NN1 / NN2 / gamma1 / gamma2 shapes and dropout, sentFCNN).
+    cells: list[int] = field(default_factory=lambda: [64, 16, 32])  # LSTM cells: language, acoustic, visual
+    memory: int = 128  # multi-view gated memory size
+    window: int = 2  # cell states of t-1 and t go into the Delta-memory Attention Network
+    attention_hidden: int = 256  # NN1: the DMAN's attention network
+    proposal_hidden: int = 64  # NN2: the memory update proposal network
+    gate_hidden: int = 64  # gamma1 (retain) and gamma2 (update) networks
+    output_hidden: int = 64  # the output network (and M3ER's per-modality heads)
+    dropout: float = 0.5  # inside every one of those networks, as released
+    # The baselines train from scratch: Adam-range rates (MFN's search: 0.001..0.01), not train.lr (5e-5,
+    # a BERT finetuning rate). Batch size, epochs, patience and clipping come from `train`.
+    lr: float = 1e-3
+    # Text-BERT folder whose frozen word embeddings, averaged per word, are the language input.
+    # None: the BERT shipped offline (preprocessing.text.default_vocab_folder(), MiniLM, 384-d).
+    word_embeddings: str | None = None
+
+    def validate(self) -> None:
+        check(len(self.cells) == 3 and all(c > 0 for c in self.cells), "cells", "needs 3 positive sizes (l, a, v)")
+        check(self.window >= 2, "window", "must be >= 2 (the DMAN compares t-1 and t)")
+        for key in ("steps", "memory", "attention_hidden", "proposal_hidden", "gate_hidden", "output_hidden"):
+            check(getattr(self, key) > 0, key, "must be positive")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        check(self.lr > 0, "lr", "must be positive")
+
+
+@dataclass
+class M3ERConfig:
+    """M3ER (Mittal et al. 2020) on top of the `mfn` section's MFN; each part switches off on its own."""
+
+    modality_check: bool = True  # CCA between modality summaries; weakly correlated modalities are ineffective
+    proxy: bool = True  # ineffective (or empty) modalities replaced by a linear map of the effective ones
+    multiplicative_loss: bool = True  # per-modality heads + the multiplicative combination loss; off: MFN's CE
+    # In [0, 1]; 0 gives the product-of-probabilities NLL. M3ER's value is not in REFERENCE.md: the middle.
+    beta: float = 0.5
+    pca_dim: int = 16  # time-averaged features reduced by PCA (training fold) before CCA
+    # Canonical pairs compared per sample: more make a chance agreement of mismatched modalities rarer;
+    # weak ones count little (the per-sample score weights them by their canonical correlation).
+    cca_dim: int = 8
+    # Candidate thresholds on the per-sample canonical correlation; one is chosen on the validation speaker.
+    thresholds: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    ridge: float = 1e-3  # proxy least squares: ridge relative to the mean feature energy (conditioning)
+
+    def validate(self) -> None:
+        check(0.0 <= self.beta <= 1.0, "beta", "must be in [0, 1]")
+        check(self.pca_dim > 0, "pca_dim", "must be positive")
+        check(0 < self.cca_dim <= self.pca_dim, "cca_dim", "must be in 1..pca_dim")
+        check(len(self.thresholds) > 0 and all(-1.0 <= t <= 1.0 for t in self.thresholds), "thresholds",
+              "name at least one threshold in [-1, 1]")
+        check(self.ridge > 0, "ridge", "must be positive (it keeps the proxy least squares solvable)")
+
+
+@dataclass
 class TrainConfig:
     lr: float = 5e-5
     batch_size: int = 32
@@ -79,7 +142,7 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    settings: list[Setting] = field(default_factory=lambda: list(SETTINGS))
+    settings: list[Setting] = field(default_factory=lambda: list(PAPER_SETTINGS))
     # An exported model folder or a DeepSpeed run / checkpoint folder (pretrain.export.load_model).
     # Required by pretrain_finetune and pretrain_prompt; optional for direct (then only its shape is used).
     checkpoint: str | None = None
@@ -90,6 +153,8 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    mfn: MFNConfig = field(default_factory=MFNConfig)
+    m3er: M3ERConfig = field(default_factory=M3ERConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:

@@ -23,6 +23,8 @@ SETTING_NAMES = {
     "bert_direct": "BERT+Direct",
     "pretrain_finetune": "Pretrain+Finetune",
     "pretrain_prompt": "Pretrain+Prompt",
+    "mfn": "MFN",
+    "m3er": "M3ER",
 }
 METRICS = ("wa", "uar", "wf1")
 # The missing-modality table's columns: single modalities first, the full input last.
@@ -80,8 +82,8 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
         "## Missing modalities (beyond the paper)",
         "",
         "UAR (%) on the test speaker when only the listed modalities are given (the others empty: no frames, "
-        "text reduced to [CLS] [SEP] plus the prompt template), same trained models. "
-        "All metrics: missing_modalities.csv.",
+        "text reduced to [CLS] [SEP] plus the prompt template; MFN and M3ER see zeros and an absent flag, "
+        "M3ER then proxies from the given ones), same trained models. All metrics: missing_modalities.csv.",
         "",
         "| Setting | " + " | ".join(subset_name(sub) for sub in TABLE_SUBSETS) + " |",
         "|---|" + "---|" * len(TABLE_SUBSETS),

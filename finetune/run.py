@@ -1,9 +1,10 @@
 """The CV driver: every (setting, seed, fold) run, model selection on the validation speaker, then the report.
 
-One run trains on the fold's training speakers, picks the epoch with the best validation-speaker UAR
-(early stopping on it too), reloads those weights and evaluates the test speaker once, with every input
-and with each of the 6 other non-empty modality subsets (the missing-modality table). Each run writes
-runs/<setting>/seed<k>/fold<n>.json; a rerun skips the runs whose JSON exists.
+One run fits what the model fits before training (FitsOnData: the baselines' input statistics, M3ER's
+CCA, proxy maps and threshold), trains on the fold's training speakers, picks the epoch with the best
+validation-speaker UAR (early stopping on it too), reloads those weights and evaluates the test speaker
+once, with every input and with each of the 6 other non-empty modality subsets (the missing-modality
+table). Each run writes runs/<setting>/seed<k>/fold<n>.json; a rerun skips the runs whose JSON exists.
 
 No DeepSpeed downstream: a fold is a few thousand utterances and a BERT-base model fits one device many
 times over, so there is nothing to shard or accumulate; a plain loop on one device keeps model selection
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from finetune.config import PRETRAINED_SETTINGS, FinetuneConfig
+from finetune.config import CHECKPOINT_SETTINGS, PRETRAINED_SETTINGS, FinetuneConfig
 from finetune.data import (
     MODALITY_SUBSETS,
     FoldData,
@@ -39,9 +41,10 @@ from finetune.data import (
 from finetune.metrics import confusion, scores
 from finetune.protocols import CLASSES, Fold, folds_for
 from finetune.report import write_report
-from finetune.settings import build_model
+from finetune.settings import FitsOnData, build_model, learning_rate
 from memobert.config import ConfigError, to_dict
 from memobert.schema import MANIFEST_NAME, Manifest, Utterance
+from pretrain.batch import Batch
 from pretrain.loader import shard_paths
 from pretrain.model import MEmoBERT
 from pretrain.train import param_groups
@@ -90,8 +93,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         else:
             pending.append((setting, seed, fold))
     if pending:
-        # Only bert_direct ignores a given checkpoint (direct takes its shape).
-        ctx = _context(cfg, needs_checkpoint=bool(cfg.checkpoint) and any(s != "bert_direct" for s, _, _ in pending))
+        needs_checkpoint = bool(cfg.checkpoint) and any(s in CHECKPOINT_SETTINGS for s, _, _ in pending)
+        ctx = _context(cfg, needs_checkpoint=needs_checkpoint)
         for i, (setting, seed, fold) in enumerate(pending, 1):
             log.info("run %d/%d: %s seed %d fold %d", i, len(pending), setting, seed, fold)
             record = run_one(setting, seed, folds[fold], cfg, ctx)
@@ -124,7 +127,9 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
                              f"test {fold.test}); check the shards' 'speaker' ids against the {cfg.data.protocol} protocol")
     torch.manual_seed(seed)  # classifier / random init and dropout follow the seed
     model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
-    history, selected = train_and_select(model, data, cfg, seed, ctx, desc=f"{setting} s{seed} f{fold.index}")
+    fitted = prepare(model, data, cfg, ctx)
+    history, selected = train_and_select(model, data, cfg, seed, ctx, desc=f"{setting} s{seed} f{fold.index}",
+                                         lr=learning_rate(setting, cfg))
 
     y_test = labels_of(data.test)
     evaluated = {}
@@ -143,6 +148,7 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
         "protocol": cfg.data.protocol,
         "speakers": {"train": list(fold.train), "val": fold.val, "test": fold.test},
         "samples": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "fitted": fitted,
         "selected_epoch": selected,
         "val_uar": history[selected - 1]["val_uar"],
         "history": history,
@@ -154,16 +160,28 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
     }
 
 
+def prepare(model: nn.Module, data: FoldData, cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
+    """Run the model's fit-time hook, if it has one, on the training and validation speakers (never the test one)."""
+    if not isinstance(model, FitsOnData):
+        return {}
+    tok = ctx.tokenizer
+
+    def source(utts: list[Utterance]) -> Callable[[], Iterator[Batch]]:
+        return lambda: (b.to(ctx.device) for b in batches(utts, cfg.train.batch_size, cfg.data, tok.cls_id, tok.sep_id))
+
+    return model.prepare(source(data.train), source(data.val))
+
+
 def train_and_select(
-    model: nn.Module, data: FoldData, cfg: FinetuneConfig, seed: int, ctx: Context, desc: str
+    model: nn.Module, data: FoldData, cfg: FinetuneConfig, seed: int, ctx: Context, desc: str, lr: float
 ) -> tuple[list[dict[str, float]], int]:
-    """Train on the training speakers; keep the weights of the epoch with the best validation UAR.
+    """Train on the training speakers at `lr`; keep the weights of the epoch with the best validation UAR.
 
     Stops after `train.patience` epochs without a better validation UAR. The test speaker is not seen here.
     Returns the per-epoch history and the selected epoch (1-based).
     """
     train = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     y_val = labels_of(data.val)
     ids = ctx.tokenizer
@@ -237,7 +255,8 @@ def _check_and_save_config(out: Path, cfg: FinetuneConfig) -> None:
     path = out / CONFIG_NAME
     new = _flatten(to_dict(cfg))
     if path.is_file():
-        old = _flatten(json.loads(path.read_text()))
+        # A key the saved config lacks (a section added since, e.g. mfn / m3er) counts as its default.
+        old = {**_flatten(to_dict(FinetuneConfig())), **_flatten(json.loads(path.read_text()))}
         for key in sorted(set(old) | set(new)):
             if key not in RERUN_FREE_KEYS and old.get(key) != new.get(key):
                 raise ConfigError(f"config key '{key}': {out} holds runs made with {old.get(key)!r}, now "

@@ -1,21 +1,26 @@
-"""The paper's four downstream settings as models with one interface: forward(batch) -> class scores [B, C],
-loss(batch) -> scalar.
+"""The downstream settings as models with one interface: forward(batch) -> class scores [B, C],
+loss(batch) -> scalar, and optionally a fit-time hook (FitsOnData).
 
 direct             MEmoBERT from random init (the checkpoint's shape, else the flavor's) + a new classifier
 bert_direct        MEmoBERT initialised from a text BERT (ModelConfig.init_from) + a new classifier
 pretrain_finetune  the pretrained MEmoBERT + a new classifier on [CLS]
 pretrain_prompt    the pretrained MEmoBERT through its MLM head (finetune/prompt.py), no new parameters
+mfn                the Memory Fusion Network baseline (finetune/baselines/mfn.py)
+m3er               the M3ER baseline: modality check, proxies, MFN, multiplicative loss (finetune/baselines/m3er.py)
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import BertConfig
 
-from finetune.config import PRETRAINED_SETTINGS, FinetuneConfig
+from finetune.baselines import build_baseline
+from finetune.baselines.inputs import BatchSource
+from finetune.config import BASELINE_SETTINGS, PRETRAINED_SETTINGS, FinetuneConfig
 from finetune.prompt import PromptModel, Template
 from finetune.protocols import CLASSES
 from memobert.config import ConfigError
@@ -23,6 +28,14 @@ from pretrain.batch import Batch
 from pretrain.config import ModelConfig
 from pretrain.model import ClassificationHead, MEmoBERT
 from preprocessing.text import TextTokenizer, default_vocab_folder
+
+
+@runtime_checkable
+class FitsOnData(Protocol):
+    """A model with a fit-time hook, run once before training on the fold's training and validation speakers."""
+
+    def prepare(self, train: BatchSource, val: BatchSource) -> dict[str, Any]:
+        """Fit what training needs (statistics, maps, thresholds); returns what to record in the run's JSON."""
 
 
 class ClassifierModel(nn.Module):
@@ -56,6 +69,8 @@ def build_model(
     dims: acoustic_dim / visual_dim / vprob_dim of the data; pretrained: the loaded checkpoint (copied,
     never changed), or None when no checkpoint was given.
     """
+    if setting in BASELINE_SETTINGS:
+        return build_baseline(setting, cfg, dims, tokenizer)  # they read no checkpoint
     if pretrained is not None:
         check_dims(pretrained, dims)
     if setting == "direct":
@@ -77,6 +92,11 @@ def build_model(
         label_ids = tokenizer.label_word_ids(list(cfg.prompt.label_words))
         return PromptModel(backbone, template, label_ids, cfg.data.max_text_len, cfg.prompt.loss)
     return ClassifierModel(backbone, len(CLASSES), cfg.model.classifier_dropout)
+
+
+def learning_rate(setting: str, cfg: FinetuneConfig) -> float:
+    """The baselines train from scratch at mfn.lr; the BERT settings finetune at train.lr."""
+    return cfg.mfn.lr if setting in BASELINE_SETTINGS else cfg.train.lr
 
 
 def check_dims(model: MEmoBERT, dims: dict[str, int]) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from finetune.config import SETTINGS, FinetuneConfig
+from finetune.config import PAPER_SETTINGS, FinetuneConfig
 from finetune.data import MODALITY_SUBSETS, batches, feature_dims, keep_modalities, load_utterances, split_fold
 from finetune.prompt import Template, insert_template, label_word_scores
 from finetune.protocols import CLASSES, folds_for, iemocap_folds, msp_improv_folds
@@ -180,7 +180,7 @@ def test_settings_build_the_right_models(labeled: Path, pretrained: dict[str, Pa
     reference = {k: v.clone() for k, v in ckpt.state_dict().items()}
     n_ckpt = sum(p.numel() for p in ckpt.parameters())
     torch.manual_seed(0)
-    models = {s: build_model(s, cfg, dims, tok, ckpt) for s in SETTINGS}
+    models = {s: build_model(s, cfg, dims, tok, ckpt) for s in PAPER_SETTINGS}
     key = "bert.encoder.layer.0.attention.self.query.weight"
 
     direct = models["direct"].backbone  # the checkpoint's shape, fresh weights
@@ -227,14 +227,14 @@ def test_every_setting_beats_chance_and_a_rerun_skips(
     tmp_path: Path, labeled: Path, pretrained: dict[str, Path], tiny_bert: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "finetune"
-    args = ["--data", str(labeled), "--protocol", "iemocap", "--settings", ",".join(SETTINGS),
+    args = ["--data", str(labeled), "--protocol", "iemocap", "--settings", ",".join(PAPER_SETTINGS),
             "--checkpoint", str(pretrained["run"]), "--seeds", "42", "--folds", "1", "--out", str(out)]
     overrides = [*FAST, f"model.bert_folder={tiny_bert}"]
     result = subprocess.run([sys.executable, "-m", "memobert.cli", "finetune", *args, *overrides], capture_output=True, text=True,
                             cwd=REPO, timeout=600, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-4000:]
     fold = iemocap_folds()[0]
-    for setting in SETTINGS:
+    for setting in PAPER_SETTINGS:
         record = json.loads(run_path(out, setting, 42, 1).read_text())
         assert (record["speakers"]["val"], record["speakers"]["test"]) == (fold.val, fold.test)
         assert record["samples"] == {"train": 128, "val": 16, "test": 16} and record["num_predictions"] == 16
@@ -248,21 +248,21 @@ def test_every_setting_beats_chance_and_a_rerun_skips(
     md = (out / "results.md").read_text()
     assert md in result.stdout
     assert "| Setting | WA | UAR | WF1 |" in md and "| Setting | T | A | V | T+A | T+V | A+V | T+A+V |" in md
-    for setting in SETTINGS:
+    for setting in PAPER_SETTINGS:
         assert md.count(f"| {SETTING_NAMES[setting]} | ") == 2  # one row in each table
-    assert len((out / "results.csv").read_text().splitlines()) == 1 + len(SETTINGS)
-    assert len((out / "missing_modalities.csv").read_text().splitlines()) == 1 + 7 * len(SETTINGS)
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + len(PAPER_SETTINGS)
+    assert len((out / "missing_modalities.csv").read_text().splitlines()) == 1 + 7 * len(PAPER_SETTINGS)
 
     # The rerun finds every run on disk: nothing is trained again, only the report is rewritten.
-    mtimes = {s: run_path(out, s, 42, 1).stat().st_mtime_ns for s in SETTINGS}
-    same = [f"data.shards={labeled}", f"settings={','.join(SETTINGS)}", f"checkpoint={pretrained['run']}", "seeds=[42]",
+    mtimes = {s: run_path(out, s, 42, 1).stat().st_mtime_ns for s in PAPER_SETTINGS}
+    same = [f"data.shards={labeled}", f"settings={','.join(PAPER_SETTINGS)}", f"checkpoint={pretrained['run']}", "seeds=[42]",
             "folds=[1]", f"out_dir={out}", *overrides]
     cfg = load_config(FinetuneConfig, overrides=same)
     with caplog.at_level(logging.INFO, logger="finetune.run"):
         assert run_finetune(cfg) == out / "results.md"
-    assert sum("skipping" in r.message for r in caplog.records) == len(SETTINGS)
+    assert sum("skipping" in r.message for r in caplog.records) == len(PAPER_SETTINGS)
     assert not any(r.message.startswith("run ") for r in caplog.records)
-    assert {s: run_path(out, s, 42, 1).stat().st_mtime_ns for s in SETTINGS} == mtimes
+    assert {s: run_path(out, s, 42, 1).stat().st_mtime_ns for s in PAPER_SETTINGS} == mtimes
     assert (out / "results.md").read_text() == md
 
     # Finished runs are reused only under the config that made them.
@@ -290,7 +290,7 @@ def test_config_defaults_and_preflight(tmp_path: Path, labeled: Path) -> None:
     cfg = load_config(FinetuneConfig)
     assert (cfg.train.lr, cfg.train.batch_size, cfg.seeds) == (5e-5, 32, [42, 1234, 4321, 5678])
     assert (cfg.data.max_text_len, cfg.data.max_visual_len, cfg.data.max_acoustic_len) == (120, 36, 64)
-    assert cfg.settings == list(SETTINGS) and cfg.prompt.template == "i am [MASK] ." and cfg.prompt.position == "after"
+    assert cfg.settings == list(PAPER_SETTINGS) and cfg.prompt.template == "i am [MASK] ." and cfg.prompt.position == "after"
     assert cfg.prompt.label_words == ["anger", "happy", "neutral", "sad"] and cfg.fold_numbers == list(range(1, 11))
     assert load_config(FinetuneConfig, overrides=["data.protocol=msp_improv"]).fold_numbers == list(range(1, 13))
     with pytest.raises(ConfigError, match="'folds'"):
