@@ -82,7 +82,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     """Run every (setting, seed, fold) not yet on disk, write the report; returns results.md."""
     check_ready(cfg)
     out = Path(cfg.out_dir)
-    _check_and_save_config(out, cfg)
+    check_and_save_config(out, cfg)
     folds = {f.index: f for f in folds_for(cfg.data.protocol)}
     grid = [(s, seed, f) for s in cfg.settings for seed in cfg.seeds for f in cfg.fold_numbers]
     pending = []
@@ -250,7 +250,7 @@ def _vocab(cfg: FinetuneConfig) -> str | None:
     return None
 
 
-def _check_and_save_config(out: Path, cfg: FinetuneConfig) -> None:
+def check_and_save_config(out: Path, cfg: FinetuneConfig) -> None:
     """Finished runs are reused, so they must come from the same config (up to RERUN_FREE_KEYS)."""
     path = out / CONFIG_NAME
     new = _flatten(to_dict(cfg))

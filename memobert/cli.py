@@ -26,9 +26,10 @@ def config_classes() -> dict[str, type]:
     from preprocessing.synth.config import SynthConfig
     from preprocessing.fer import FerTrainConfig
     from pretrain.config import PretrainConfig
+    from slurm.cluster import SlurmProfile
 
     return {"synth": SynthConfig, "demo": DemoConfig, "preprocess": PreprocessConfig, "train_fer": FerTrainConfig,
-            "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+            "pretrain": PretrainConfig, "finetune": FinetuneConfig, "slurm": SlurmProfile}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -107,14 +108,116 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from finetune.config import FinetuneConfig
 
-    shortcuts = {"data.shards": args.data, "data.protocol": args.protocol, "settings": args.settings,
-                 "checkpoint": args.checkpoint, "seeds": args.seeds, "folds": args.folds, "out_dir": args.out}
-    config = resolve_config(FinetuneConfig, args, shortcuts)
+    config = resolve_config(FinetuneConfig, args, _finetune_shortcuts(args))
     from finetune.run import run_finetune
 
     results = run_finetune(config)
     print(results.read_text(), end="")
     print(f"\nresults: {results}")
+
+
+def _cmd_submit(args: argparse.Namespace) -> None:
+    """`memobert submit STAGE`: the stage's config and a cluster profile -> Slurm job(s), or their scripts (--dry-run)."""
+    import shlex
+
+    profile = _slurm_profile(args)
+    command = shlex.join(["memobert", *sys.argv[1:]])  # recorded in <run>/slurm/job.json
+    from slurm import submit
+
+    if args.stage == "pretrain":
+        from pretrain.config import PretrainConfig
+
+        config = resolve_config(PretrainConfig, args)
+        submitted = submit.submit_pretrain(config, profile, dry_run=args.dry_run, command=command)
+    elif args.stage == "finetune":
+        from finetune.config import FinetuneConfig
+
+        config = resolve_config(FinetuneConfig, args, _finetune_shortcuts(args))
+        submitted = submit.submit_finetune(config, profile, dry_run=args.dry_run, command=command)
+    else:
+        from preprocessing.config import PreprocessConfig
+
+        config = resolve_config(PreprocessConfig, args)
+        submitted = submit.submit_preprocess(Path(args.input), Path(args.out), config, profile, dry_run=args.dry_run,
+                                             command=command)
+    if args.dry_run:
+        for role, script in submitted.scripts.items():
+            print(f"# ---- sbatch script: {role} (not submitted)\n{script}")
+        print(f"# ---- resolved {args.stage} config\n{to_yaml(config)}", end="")
+    if submitted.note:
+        print(submitted.note)
+    if args.wait and submitted.final is not None:
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
+        try:
+            result = submit.wait_for(submitted.final)
+        except (FailedJobError, UncompletedJobError) as err:  # the job's traceback, or where its log is
+            print(f"memobert submit {args.stage}: {err}", file=sys.stderr)
+            raise SystemExit(1) from err
+        _print_submit_result(args, result)
+
+
+def _slurm_profile(args: argparse.Namespace) -> Any:
+    """Profile defaults <- --profile files <- the flags named like its fields."""
+    from dataclasses import replace
+
+    from slurm.cluster import SlurmProfile, parse_time
+
+    flags = {key: getattr(args, key) for key in SLURM_FLAGS if getattr(args, key, None) is not None}
+    if args.time is not None:
+        flags["time_min"] = parse_time(args.time)
+    profile = replace(load_config(SlurmProfile, args.profile), **flags)
+    profile.validate()
+    return profile
+
+
+def _print_submit_result(args: argparse.Namespace, result: Any) -> None:
+    if args.stage == "pretrain":
+        print(f"pretraining stopped at step {result.step} ({result.stopped_by}); checkpoint: {result.checkpoint}")
+    elif args.stage == "finetune":
+        print(Path(result).read_text(), end="")
+        print(f"\nresults: {result}")
+    else:
+        print(f"{result['samples']} samples in {result['shards']} shards under {Path(args.out).resolve()}")
+
+
+def _finetune_shortcuts(args: argparse.Namespace) -> dict[str, Any]:
+    return {"data.shards": args.data, "data.protocol": args.protocol, "settings": args.settings,
+            "checkpoint": args.checkpoint, "seeds": args.seeds, "folds": args.folds, "out_dir": args.out}
+
+
+def _add_finetune_shortcuts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="shortcut for data.shards=DIR (labeled shards)")
+    parser.add_argument("--protocol", help="shortcut for data.protocol=iemocap|msp_improv")
+    parser.add_argument("--settings", help="shortcut for settings=direct,bert_direct,pretrain_finetune,pretrain_prompt")
+    parser.add_argument("--checkpoint", help="shortcut for checkpoint=DIR (an export or a DeepSpeed run/checkpoint)")
+    parser.add_argument("--seeds", type=_int_list, help="shortcut for seeds=42,1234,...")
+    parser.add_argument("--folds", type=_int_list, help="shortcut for folds=1,2,... (1-based; default all)")
+    parser.add_argument("--out", help="shortcut for out_dir=DIR")
+
+
+# Flags of `memobert submit` that override the cluster profile's field of the same name.
+SLURM_FLAGS = ("partition", "account", "qos", "constraint", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task",
+               "mem", "exclusive", "array_parallelism")
+
+
+def _add_slurm_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Slurm (each flag overrides the --profile field of the same name)")
+    group.add_argument("--profile", action="append", default=[], metavar="YAML",
+                       help="cluster profile, e.g. configs/slurm/generic_gpu.yaml (repeatable)")
+    group.add_argument("--nodes", type=int)
+    group.add_argument("--gpus-per-node", type=int)
+    group.add_argument("--tasks-per-node", type=int, help="default: one per GPU, 1 on nodes without GPUs")
+    group.add_argument("--cpus-per-task", type=int)
+    group.add_argument("--mem", help="memory per node, sbatch syntax (64G; 0: all)")
+    group.add_argument("--time", help="time limit: minutes, H:M:S or D-H:M:S")
+    group.add_argument("--partition")
+    group.add_argument("--account")
+    group.add_argument("--qos")
+    group.add_argument("--constraint", help="node features, e.g. 'h100|a100'")
+    group.add_argument("--exclusive", action="store_true", default=None, help="whole nodes")
+    group.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and the resolved config; submit nothing")
+    group.add_argument("--wait", action="store_true", help="wait for the run's end and print its result")
 
 
 def _int_list(text: str) -> list[int]:
@@ -169,15 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_cmd_export)
 
     finetune = sub.add_parser("finetune", help="the downstream settings over CV folds and seeds -> results table")
-    finetune.add_argument("--data", help="shortcut for data.shards=DIR (labeled shards)")
-    finetune.add_argument("--protocol", help="shortcut for data.protocol=iemocap|msp_improv")
-    finetune.add_argument("--settings", help="shortcut for settings=direct,bert_direct,pretrain_finetune,pretrain_prompt")
-    finetune.add_argument("--checkpoint", help="shortcut for checkpoint=DIR (an export or a DeepSpeed run/checkpoint)")
-    finetune.add_argument("--seeds", type=_int_list, help="shortcut for seeds=42,1234,...")
-    finetune.add_argument("--folds", type=_int_list, help="shortcut for folds=1,2,... (1-based; default all)")
-    finetune.add_argument("--out", help="shortcut for out_dir=DIR")
+    _add_finetune_shortcuts(finetune)
     _add_config_args(finetune)
     finetune.set_defaults(func=_cmd_finetune)
+
+    submit = sub.add_parser("submit", help="pretrain, finetune or preprocess as Slurm jobs (submitit)")
+    stages = submit.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    submit_pretrain = stages.add_parser("pretrain", help="one multi-node job, one rank per GPU; requeued at the time limit")
+    submit_finetune = stages.add_parser("finetune", help="a job array over settings x seeds x folds, then a report job")
+    _add_finetune_shortcuts(submit_finetune)
+    submit_finetune.add_argument("--array-parallelism", type=int, help="at most this many runs at once")
+    submit_preprocess = stages.add_parser("preprocess", help="a Ray cluster over the job's tasks runs `preprocess`")
+    submit_preprocess.add_argument("--input", required=True, help="as for `memobert preprocess`")
+    submit_preprocess.add_argument("--out", required=True, help="output folder (resubmit to resume)")
+    for stage in (submit_pretrain, submit_finetune, submit_preprocess):
+        _add_slurm_args(stage)
+        _add_config_args(stage)
+        stage.set_defaults(func=_cmd_submit)
     return parser
 
 
