@@ -24,7 +24,7 @@ from finetune.config import BASELINE_SETTINGS, FinetuneConfig, MFNConfig
 from finetune.data import MODALITY_SUBSETS, batches, feature_dims, keep_modalities, load_utterances
 from finetune.protocols import iemocap_folds
 from finetune.report import SETTING_NAMES
-from finetune.run import _check_and_save_config, run_finetune, run_path
+from finetune.run import check_and_save_config, run_finetune, run_path
 from finetune.settings import build_model
 from helpers import write_tiny_shards
 from memobert.config import ConfigError, load_config, to_dict
@@ -217,10 +217,10 @@ def test_out_dirs_from_before_the_baselines_take_their_defaults(tmp_path: Path) 
     old = to_dict(FinetuneConfig())
     del old["mfn"], old["m3er"]
     (tmp_path / "config.json").write_text(json.dumps(old))
-    _check_and_save_config(tmp_path, load_config(FinetuneConfig, overrides=["settings=mfn,m3er"]))
+    check_and_save_config(tmp_path, load_config(FinetuneConfig, overrides=["settings=mfn,m3er"]))
     assert json.loads((tmp_path / "config.json").read_text())["m3er"]["beta"] == 0.5
     with pytest.raises(ConfigError, match="'mfn.lr'"):  # but not runs made under other baseline values
-        _check_and_save_config(tmp_path, load_config(FinetuneConfig, overrides=["mfn.lr=3e-3"]))
+        check_and_save_config(tmp_path, load_config(FinetuneConfig, overrides=["mfn.lr=3e-3"]))
     with pytest.raises(ConfigError, match="'mfn.window'"):
         load_config(FinetuneConfig, overrides=["mfn.window=1"])
     with pytest.raises(ConfigError, match="'m3er.beta'"):
