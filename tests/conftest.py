@@ -37,3 +37,27 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[slurm_lo
         cluster.stop()
         for key in cluster.env:
             os.environ.pop(key, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op torch thread in the test process: on 2 shared cores, OpenMP oversubscription
+    stalled tiny models 10-100x. Subprocess tests (training runs) are not affected."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def labeled_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 utterances per speaker of IEMOCAP sessions 1-5 (4 per class) with a learnable class signal."""
+    from finetune.protocols import iemocap_folds
+    from helpers import write_tiny_shards
+
+    speakers = [speaker for fold in iemocap_folds()[::2] for speaker in (fold.test, fold.val)]
+    return write_tiny_shards(tmp_path_factory.mktemp("labeled") / "shards", 160, 4, seed=0, speakers=speakers,
+                             class_signal=3.0)
+

@@ -6,7 +6,6 @@ import re
 import sys
 import types
 from argparse import Namespace
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,6 @@ from preprocessing.config import AudioConfig
 
 LENGTHS = (16000, 7000, 12345, 3200, 200)  # the last is shorter than the 400-sample receptive field
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Shared 2-core machine: one intra-op thread avoids OpenMP oversubscription stalls (10-100x here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,35 +21,18 @@ from finetune.baselines.modality_check import ModalityCheck
 from finetune.baselines.proxy import ProxyMaps
 from finetune.config import BASELINE_SETTINGS, FinetuneConfig, MFNConfig
 from finetune.data import MODALITY_SUBSETS, batches, feature_dims, keep_modalities, load_utterances
-from finetune.protocols import iemocap_folds
 from finetune.report import SETTING_NAMES
 from finetune.run import check_and_save_config, run_finetune, run_path
 from finetune.settings import build_model
-from helpers import write_tiny_shards
 from memobert.config import ConfigError, load_config, to_dict
 from preprocessing.text import TextTokenizer
 
-SPEAKERS = [speaker for fold in iemocap_folds()[::2] for speaker in (fold.test, fold.val)]
 # Few epochs at a larger lr than MFN's 1e-3, without dropout: the class signal is learnt within them.
 FAST = ["mfn.lr=3e-3", "mfn.dropout=0.0", "train.batch_size=16", "train.epochs=6", "train.patience=3",
         "train.device=cpu"]
 DIMS = (16, 12, 20)  # synthetic text / acoustic / visual feature sizes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The machine's cores are shared: one thread avoids stalls from descheduled OpenMP threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 utterances per IEMOCAP speaker (4 per class) with a learnable class signal."""
-    return write_tiny_shards(tmp_path_factory.mktemp("labeled") / "shards", 160, 4, seed=0, speakers=SPEAKERS,
-                             class_signal=3.0)
 
 
 def _correlated(rng: np.random.Generator, n: int, steps: int = 1, latent: int = 8) -> list[torch.Tensor]:
@@ -166,12 +148,12 @@ def test_aligned_inputs_pool_words_and_frames() -> None:
     assert vectors[0, :, 0].tolist() == [7.5, 9.0] and words.tolist() == [[True, True]]
 
 
-def test_m3er_parts_switch_off_and_proxy_missing_modalities(labeled: Path) -> None:
-    base = [f"data.shards={labeled}", "mfn.cells=[8, 4, 4]", "mfn.memory=16"]
+def test_m3er_parts_switch_off_and_proxy_missing_modalities(labeled_shards: Path) -> None:
+    base = [f"data.shards={labeled_shards}", "mfn.cells=[8, 4, 4]", "mfn.memory=16"]
     off = ["m3er.modality_check=false", "m3er.proxy=false", "m3er.multiplicative_loss=false"]
     tok = TextTokenizer()
     cfg = load_config(FinetuneConfig, overrides=[*base, *off])
-    utts = load_utterances(str(labeled), cfg.data)
+    utts = load_utterances(str(labeled_shards), cfg.data)
     dims = feature_dims(utts)
     batch = next(batches(utts[:16], 16, cfg.data, tok.cls_id, tok.sep_id))
     models = {}
@@ -193,9 +175,9 @@ def test_m3er_parts_switch_off_and_proxy_missing_modalities(labeled: Path) -> No
     assert repaired.present.all() and repaired.seqs[2].abs().sum() > 0  # text and visual proxied from audio
 
 
-def test_baselines_beat_chance_through_the_driver(tmp_path: Path, labeled: Path) -> None:
+def test_baselines_beat_chance_through_the_driver(tmp_path: Path, labeled_shards: Path) -> None:
     out = tmp_path / "finetune"
-    overrides = [f"data.shards={labeled}", "settings=mfn,m3er", "seeds=[42]", "folds=[1]", f"out_dir={out}", *FAST]
+    overrides = [f"data.shards={labeled_shards}", "settings=mfn,m3er", "seeds=[42]", "folds=[1]", f"out_dir={out}", *FAST]
     results = run_finetune(load_config(FinetuneConfig, overrides=overrides))
     for setting in BASELINE_SETTINGS:
         record = json.loads(run_path(out, setting, 42, 1).read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +24,6 @@ from preprocessing.fer import (
 
 NEU, HAP, SUR, SAD, ANG, DIS, FEA, CON, UNK, NF = range(10)
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Shared 2-core machine: one intra-op thread avoids OpenMP oversubscription stalls (10-100x here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def votes(**counts: int) -> list[int]:

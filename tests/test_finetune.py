@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +26,13 @@ from finetune.protocols import CLASSES, folds_for, iemocap_folds, msp_improv_fol
 from finetune.report import SETTING_NAMES, write_report
 from finetune.run import run_finetune, run_path
 from finetune.settings import build_model
-from helpers import TINY_DIMS, write_tiny_shards
+from helpers import TINY_DIMS
 from memobert.config import ConfigError, load_config
 from memobert.schema import Utterance
 from preprocessing.text import TextTokenizer, default_vocab_folder
 from pretrain.export import export, load_model
 
 REPO = Path(__file__).resolve().parents[1]
-SPEAKERS = [speaker for fold in iemocap_folds()[::2] for speaker in (fold.test, fold.val)]  # Ses01F, Ses01M, ...
 # A tiny model learns the class signal within a few epochs at a larger lr than the recipe's.
 FAST = ["model.flavor=tiny", "train.lr=3e-3", "train.batch_size=16", "train.epochs=8", "train.patience=4",
         "train.device=cpu"]
@@ -45,29 +43,16 @@ FAST = ["model.flavor=tiny", "train.lr=3e-3", "train.batch_size=16", "train.epoc
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 utterances per IEMOCAP speaker (4 per class) with a learnable class signal."""
-    return write_tiny_shards(tmp_path_factory.mktemp("labeled") / "shards", 160, 4, seed=0, speakers=SPEAKERS,
-                             class_signal=3.0)
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory, labeled: Path) -> dict[str, Path]:
+def pretrained(tmp_path_factory: pytest.TempPathFactory, labeled_shards: Path) -> dict[str, Path]:
     """A 10-step tiny pretraining run (DeepSpeed, as users launch it) and its export."""
     root = tmp_path_factory.mktemp("pretrained")
     run = root / "run"
     cmd = [sys.executable, "-m", "memobert.cli", "pretrain", "--config", str(REPO / "configs/pretrain/cpu_tiny.yaml"),
            f"model.acoustic_dim={TINY_DIMS['audio']}", f"model.visual_dim={TINY_DIMS['visual']}",
-           f"data.train_shards={labeled}", f"train.out_dir={run}", "train.steps=10", "optim.warmup_steps=2"]
+           f"data.train_shards={labeled_shards}", f"train.out_dir={run}", "train.steps=10", "optim.warmup_steps=2"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-4000:]
     return {"run": run, "export": export(run, root / "export")}
@@ -101,7 +86,7 @@ def test_fold_filtering_puts_each_speaker_in_one_part(folds: list) -> None:
     assert (folds[1].test, folds[1].val) == (folds[0].val, folds[0].test)  # a session's two folds swap roles
 
 
-def test_prompt_prediction_ignores_non_label_words(labeled: Path, pretrained: dict[str, Path]) -> None:
+def test_prompt_prediction_ignores_non_label_words(labeled_shards: Path, pretrained: dict[str, Path]) -> None:
     # The verbaliser alone: the trap word has the highest logit of the vocabulary in every row.
     logits = torch.randn(6, 50)
     label_ids = torch.tensor([7, 3, 11, 20])
@@ -111,9 +96,9 @@ def test_prompt_prediction_ignores_non_label_words(labeled: Path, pretrained: di
     assert pred.tolist() == [max(range(4), key=lambda c: logits[i, label_ids[c]].item()) for i in range(6)]
 
     # The real model: make a non-label word the MLM head's favourite through its output bias.
-    cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled}"])
+    cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled_shards}"])
     tok = TextTokenizer()
-    utts = load_utterances(str(labeled), cfg.data)
+    utts = load_utterances(str(labeled_shards), cfg.data)
     model = build_model("pretrain_prompt", cfg, feature_dims(utts), tok, load_model(pretrained["export"])).eval()
     vocab = tok.vocab_file.read_text().splitlines()
     assert [vocab[i] for i in model.label_ids.tolist()] == list(cfg.prompt.label_words)  # looked up by word, in CLASSES order
@@ -171,11 +156,11 @@ def test_dropped_modalities_are_empty() -> None:
     assert batch.text_ids.tolist() == [[101, 102]]  # [CLS] [SEP]
 
 
-def test_settings_build_the_right_models(labeled: Path, pretrained: dict[str, Path], tiny_bert: Path) -> None:
-    cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled}", "model.flavor=tiny",
+def test_settings_build_the_right_models(labeled_shards: Path, pretrained: dict[str, Path], tiny_bert: Path) -> None:
+    cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled_shards}", "model.flavor=tiny",
                                                  f"model.bert_folder={tiny_bert}", "prompt.position=before"])
     tok = TextTokenizer()
-    dims = feature_dims(load_utterances(str(labeled), cfg.data))
+    dims = feature_dims(load_utterances(str(labeled_shards), cfg.data))
     ckpt = load_model(pretrained["export"])
     reference = {k: v.clone() for k, v in ckpt.state_dict().items()}
     n_ckpt = sum(p.numel() for p in ckpt.parameters())
@@ -198,7 +183,7 @@ def test_settings_build_the_right_models(labeled: Path, pretrained: dict[str, Pa
     assert sum(p.numel() for p in models["pretrain_finetune"].parameters()) > n_ckpt  # a new classifier
 
     # Training a copy never changes the loaded checkpoint.
-    batch = next(batches(load_utterances(str(labeled), cfg.data), 8, cfg.data, tok.cls_id, tok.sep_id))
+    batch = next(batches(load_utterances(str(labeled_shards), cfg.data), 8, cfg.data, tok.cls_id, tok.sep_id))
     for setting in ("pretrain_finetune", "pretrain_prompt"):
         models[setting].loss(batch).backward()
         torch.optim.SGD(models[setting].parameters(), lr=1.0).step()
@@ -206,14 +191,14 @@ def test_settings_build_the_right_models(labeled: Path, pretrained: dict[str, Pa
     assert default_vocab_folder() and (Path(default_vocab_folder()) / "config.json").is_file()  # bert_direct's default
 
 
-def test_export_and_deepspeed_checkpoint_load_the_same_model(labeled: Path, pretrained: dict[str, Path]) -> None:
+def test_export_and_deepspeed_checkpoint_load_the_same_model(labeled_shards: Path, pretrained: dict[str, Path]) -> None:
     from_export, from_run = load_model(pretrained["export"]), load_model(pretrained["run"])
     assert from_export.state_dict().keys() == from_run.state_dict().keys()
     for name, value in from_export.state_dict().items():
         assert torch.equal(value, from_run.state_dict()[name]), name
-    cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled}"])
+    cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled_shards}"])
     tok = TextTokenizer()
-    utts = load_utterances(str(labeled), cfg.data)
+    utts = load_utterances(str(labeled_shards), cfg.data)
     batch = next(batches(utts, 16, cfg.data, tok.cls_id, tok.sep_id))
     logits = []
     for ckpt in (from_export, from_run):
@@ -224,10 +209,10 @@ def test_export_and_deepspeed_checkpoint_load_the_same_model(labeled: Path, pret
 
 
 def test_every_setting_beats_chance_and_a_rerun_skips(
-    tmp_path: Path, labeled: Path, pretrained: dict[str, Path], tiny_bert: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, labeled_shards: Path, pretrained: dict[str, Path], tiny_bert: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "finetune"
-    args = ["--data", str(labeled), "--protocol", "iemocap", "--settings", ",".join(PAPER_SETTINGS),
+    args = ["--data", str(labeled_shards), "--protocol", "iemocap", "--settings", ",".join(PAPER_SETTINGS),
             "--checkpoint", str(pretrained["run"]), "--seeds", "42", "--folds", "1", "--out", str(out)]
     overrides = [*FAST, f"model.bert_folder={tiny_bert}"]
     result = subprocess.run([sys.executable, "-m", "memobert.cli", "finetune", *args, *overrides], capture_output=True, text=True,
@@ -255,7 +240,7 @@ def test_every_setting_beats_chance_and_a_rerun_skips(
 
     # The rerun finds every run on disk: nothing is trained again, only the report is rewritten.
     mtimes = {s: run_path(out, s, 42, 1).stat().st_mtime_ns for s in PAPER_SETTINGS}
-    same = [f"data.shards={labeled}", f"settings={','.join(PAPER_SETTINGS)}", f"checkpoint={pretrained['run']}", "seeds=[42]",
+    same = [f"data.shards={labeled_shards}", f"settings={','.join(PAPER_SETTINGS)}", f"checkpoint={pretrained['run']}", "seeds=[42]",
             "folds=[1]", f"out_dir={out}", *overrides]
     cfg = load_config(FinetuneConfig, overrides=same)
     with caplog.at_level(logging.INFO, logger="finetune.run"):
@@ -286,7 +271,7 @@ def test_report_aggregates_folds_then_seeds(tmp_path: Path) -> None:
         "direct,T+A+V,2,0.500000,0.000000,0.650000,0.050000,0.400000,0.000000")
 
 
-def test_config_defaults_and_preflight(tmp_path: Path, labeled: Path) -> None:
+def test_config_defaults_and_preflight(tmp_path: Path, labeled_shards: Path) -> None:
     cfg = load_config(FinetuneConfig)
     assert (cfg.train.lr, cfg.train.batch_size, cfg.seeds) == (5e-5, 32, [42, 1234, 4321, 5678])
     assert (cfg.data.max_text_len, cfg.data.max_visual_len, cfg.data.max_acoustic_len) == (120, 36, 64)
@@ -299,7 +284,7 @@ def test_config_defaults_and_preflight(tmp_path: Path, labeled: Path) -> None:
         load_config(FinetuneConfig, overrides=["prompt.template=i am happy"])
     out = tmp_path / "never"
     with pytest.raises(ConfigError, match="'checkpoint': required by pretrain_finetune, pretrain_prompt"):
-        run_finetune(load_config(FinetuneConfig, overrides=[f"data.shards={labeled}", f"out_dir={out}"]))
+        run_finetune(load_config(FinetuneConfig, overrides=[f"data.shards={labeled_shards}", f"out_dir={out}"]))
     with pytest.raises(ConfigError, match="'data.shards'"):
         run_finetune(load_config(FinetuneConfig, overrides=[f"data.shards={tmp_path}", "settings=direct", f"out_dir={out}"]))
     assert not out.exists()  # failed before any work

@@ -7,7 +7,7 @@ import math
 import torch
 
 from pretrain.masking import IGNORE_INDEX, span_mask, whole_word_mask
-from tests.test_model import MASK_ID, VOCAB_SIZE, make_batch, one_thread  # noqa: F401 (autouse fixture)
+from tests.test_model import MASK_ID, VOCAB_SIZE, make_batch
 
 
 def _gen(seed: int) -> torch.Generator:

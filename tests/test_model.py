@@ -20,14 +20,6 @@ CLS_ID, SEP_ID, MASK_ID, VOCAB_SIZE = 101, 102, 103, 30522  # bert-base-uncased
 VISUAL_DIM, ACOUSTIC_DIM = 342, 768
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_utterance(rng: np.random.Generator, key: str, num_words: int, visual_len: int, acoustic_len: int) -> Utterance:
     """Random tokens grouped into words of 1-2 WordPieces, random frames and FER+ distributions."""

@@ -10,7 +10,7 @@ import torch
 from pretrain.config import TASKS, MaskConfig, TaskConfig
 from pretrain.masking import IGNORE_INDEX, whole_word_mask
 from pretrain.tasks import TaskSampler, build_tasks, run_task
-from tests.test_model import MASK_ID, VOCAB_SIZE, make_batch, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from tests.test_model import MASK_ID, VOCAB_SIZE, make_batch, tiny_model  # noqa: F401 (fixture)
 
 
 def _tasks():
