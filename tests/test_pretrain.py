@@ -198,3 +198,18 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
     failed = _pretrain(tmp_path / "bad", every, "train.steps=6", "optim.warmup_steps=2", "train.max_nonfinite_in_a_row=3",
                        check=False)
     assert failed.returncode != 0 and "3 non-finite losses in a row at step 0" in failed.stderr
+
+
+def test_resume_on_another_world_size_restores_the_module_and_warns(tmp_path: Path, shards: dict[str, Path]) -> None:
+    out = tmp_path / "run"
+    common = ["train.steps=6", "train.log_every=1", "optim.warmup_steps=1", "train.zero_stage=1", "train.grad_accum=2"]
+    _pretrain(out, shards, *common, "train.micro_batch=4", "train.stop_at=3", nproc=2)
+    # One rank now: the same global batch of 16 as 8 x 2 x 1.
+    resumed = _pretrain(out, shards, *common, "train.micro_batch=8")
+    assert "was written by 2 ranks, this run has 1" in resumed.stderr and "AdamW moments start from zero" in resumed.stderr
+    assert f"resumed from {out / 'checkpoints'} at step 3" in resumed.stderr
+    state = json.loads((out / "checkpoints/step_6/trainer_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 1
+    assert [m["step"] for m in _metrics(out) if "samples_per_s" in m] == [1, 2, 3, 4, 5, 6]
+    lr_at_4 = next(m["lr"] for m in _metrics(out) if m["step"] == 4 and "lr" in m)
+    assert lr_at_4 == pytest.approx(1e-3 * (6 - 4) / 5)  # the schedule continued, it did not restart
