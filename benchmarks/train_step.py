@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader import write_shards  # noqa: E402  (benchmarks/loader.py: realistic synthetic shards)
 
 from memobert.config import load_config  # noqa: E402
+from pretrain.batch import stage  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.loader import build_loader, padded_share  # noqa: E402
 from pretrain.model import MEmoBERT  # noqa: E402
@@ -53,8 +54,8 @@ def run(engine_step, model, data, cfg, device, dtype, steps: int, warmup: int) -
             start = time.perf_counter()
         names = sampler.tasks_for_step(step)
         for micro in range(cfg.train.grad_accum):
-            batch = data[(step * cfg.train.grad_accum + micro) % len(data)].to(device, dtype=dtype)
-            loss = sum(tasks[name](model, batch, gen).loss for name in names)
+            staged = stage(data[(step * cfg.train.grad_accum + micro) % len(data)], device, dtype)
+            loss = sum(tasks[name](model, staged, gen).loss for name in names)
             engine_step(loss, last=micro == cfg.train.grad_accum - 1)
     if device.type == "cuda":
         torch.cuda.synchronize()

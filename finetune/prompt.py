@@ -95,9 +95,8 @@ class PromptModel(nn.Module):
         """MLM logits over the vocabulary at each sample's [MASK] [B, V]."""
         ids, mask, at = insert_template(batch.text_ids, batch.text_mask, self.template, self.max_text_len)
         batch = dataclasses.replace(batch, text_ids=ids, text_mask=mask, word_ids=torch.full_like(ids, -1))
-        select = torch.zeros_like(mask)
-        select[torch.arange(ids.shape[0], device=ids.device), at] = True
-        return self.backbone(batch, head="mlm", select=select)  # one row per sample, in batch order
+        positions = torch.arange(ids.shape[0], device=ids.device) * ids.shape[1] + at  # flat [B * Lt] indices
+        return self.backbone(batch, head="mlm", positions=positions)  # one row per sample, in batch order
 
     def forward(self, batch: Batch) -> Tensor:
         return label_word_scores(self.vocab_logits(batch), self.label_ids)

@@ -1,12 +1,18 @@
-"""A padded batch of utterances, as the model consumes it, and the collate that builds it."""
+"""A padded batch of utterances, the collate that builds it, and its staging onto the device.
+
+Staging keeps the training step free of host-device syncs: whatever the step needs to know (masks,
+the packed layout, target positions, counts) is computed on the host copy and uploaded, so the
+host never waits for the device to learn a value and keeps queueing kernels ahead of it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from memobert.schema import Utterance
 
@@ -44,6 +50,86 @@ class Batch:
                     value = value.to(dtype)
             moved[f.name] = value
         return replace(self, **moved)
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copy (DataLoader(pin_memory=True) calls this): its uploads then need no sync."""
+        return replace(self, **{f.name: v.pin_memory() for f in fields(self) if (v := getattr(self, f.name)) is not None})
+
+
+class PackedLayout(NamedTuple):
+    """Where each modality's positions go when the three are packed compactly per sample."""
+
+    gather: Tensor  # long [B, L]: index into the modalities concatenated along dim 1
+    mask: Tensor  # bool [B, L]: real positions of the packed sequence (L = longest total)
+    unpack: tuple[Tensor, ...]  # per modality long [B, Lm]: packed position of each position (0 at padding)
+
+
+def compact_layout(masks: Sequence[Tensor]) -> PackedLayout:
+    """Index maps for packing right-padded modalities (valid text, valid visual, valid acoustic, then padding).
+
+    Reads one value (the packed width) from the masks: pass host masks (stage() does) to avoid a sync.
+    """
+    lengths = [m.sum(1) for m in masks]
+    total = torch.stack(lengths).sum(0)
+    width = int(total.max())
+    device = masks[0].device
+    pos = torch.arange(width, device=device)[None]
+    gather = torch.zeros(total.shape[0], width, dtype=torch.long, device=device)
+    start = torch.zeros_like(total)
+    offset = 0
+    unpack = []
+    for m, n in zip(masks, lengths):
+        s = start[:, None]
+        inside = (pos >= s) & (pos < s + n[:, None])
+        gather = torch.where(inside, offset + pos - s, gather)
+        own = torch.arange(m.shape[1], device=device)[None]
+        unpack.append(torch.where(m, s + own, 0))
+        start = start + n
+        offset += m.shape[1]
+    return PackedLayout(gather, pos < total[:, None], tuple(unpack))
+
+
+def flat_positions(mask: Tensor) -> Tensor:
+    """Indices of the True entries of a [B, L] mask in its flattened [B * L] form (the heads' `positions`)."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
+@dataclass
+class Staged:
+    """A micro-batch ready for the model: the host batch (masks are drawn from it), its device copy and layout."""
+
+    host: Batch
+    device: Batch
+    layout: PackedLayout
+
+    def upload(self, tensor: Tensor) -> Tensor:
+        """A host tensor on the device, copied asynchronously (pinned first, since pageable copies sync)."""
+        return _upload(tensor, self.device.text_ids.device)
+
+    @property
+    def num_positions(self) -> int:
+        """Real (non-padding) positions of the packed sequences, counted on the host."""
+        h = self.host
+        return int(h.text_mask.sum() + h.visual_mask.sum() + h.acoustic_mask.sum())
+
+
+def stage(batch: Batch, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Staged:
+    """Upload a host batch (features cast to `dtype` on the device) with its packed layout computed on the host."""
+    layout = compact_layout([batch.text_mask, batch.visual_mask, batch.acoustic_mask])
+    device = torch.device(device)
+    return Staged(
+        host=batch,
+        device=batch.to(device, dtype=dtype),
+        layout=PackedLayout(
+            _upload(layout.gather, device), _upload(layout.mask, device), tuple(_upload(u, device) for u in layout.unpack)
+        ),
+    )
+
+
+def _upload(tensor: Tensor, device: torch.device) -> Tensor:
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def collate(

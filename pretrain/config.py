@@ -94,6 +94,9 @@ class TrainConfig:
     steps: int = 40_000  # linear decay to 0 over all steps, after warm-up
     zero_stage: Literal[0, 1, 2, 3] = 1  # at 110M parameters ZeRO-2/3 only cost time
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # torch.compile each encoder layer: fuses its LayerNorm, GELU, dropout and bias kernels. A
+    # speed setting, not part of the recipe; off until measured on a GPU (docs/benchmarks.md).
+    compile: bool = False
     seed: int = 42
     out_dir: str = "runs/pretrain"
     log_every: int = 50

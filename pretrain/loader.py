@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -408,4 +409,6 @@ def build_loader(
         start_step=start_step,
         label_key=label_key,
     )
-    return TimedLoader(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers), num_batches)
+    # Pinned batches upload without a host-device sync (pretrain.batch.stage).
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+    return TimedLoader(loader, num_batches)

@@ -14,8 +14,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
 import safetensors.torch
 import torch
 from torch import Tensor, nn
@@ -24,7 +22,7 @@ from transformers import BertConfig, BertForMaskedLM, BertModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 from memobert.config import from_dict, to_dict
-from pretrain.batch import Batch
+from pretrain.batch import Batch, PackedLayout, compact_layout
 from pretrain.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -201,8 +199,13 @@ class MEmoBERT(nn.Module):
         text_ids: Tensor | None = None,
         visual_masked: Tensor | None = None,
         acoustic_masked: Tensor | None = None,
+        layout: PackedLayout | None = None,
     ) -> Encoded:
-        """Embed the three modalities, pack them compactly, run the shared encoder, unpack per modality."""
+        """Embed the three modalities, pack them compactly, run the shared encoder, unpack per modality.
+
+        `layout` is the packing of batch's masks (pretrain.batch.stage computes it on the host);
+        without it, it is computed here, which reads the packed width from the device.
+        """
         ids = batch.text_ids if text_ids is None else text_ids
         types = self.bert.embeddings.token_type_embeddings.weight
         embeds = [
@@ -210,16 +213,16 @@ class MEmoBERT(nn.Module):
             self.visual_embed(batch.visual, types[VISUAL_TYPE], visual_masked),
             self.acoustic_embed(batch.acoustic, types[ACOUSTIC_TYPE], acoustic_masked),
         ]
-        masks = [batch.text_mask, batch.visual_mask, batch.acoustic_mask]
-        gather, sequence_mask, unpack = compact_layout(masks)
+        if layout is None:
+            layout = compact_layout([batch.text_mask, batch.visual_mask, batch.acoustic_mask])
         hidden = embeds[0].shape[-1]
-        x = torch.cat(embeds, dim=1).gather(1, gather.unsqueeze(-1).expand(-1, -1, hidden))
+        x = torch.cat(embeds, dim=1).gather(1, layout.gather.unsqueeze(-1).expand(-1, -1, hidden))
         # Additive key mask [B, 1, 1, L]: padding is masked as keys only, so no query row is fully masked.
-        bias = torch.zeros(sequence_mask.shape, dtype=x.dtype, device=x.device)
-        bias = bias.masked_fill(~sequence_mask, torch.finfo(x.dtype).min)[:, None, None, :]
+        bias = torch.zeros(layout.mask.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill(~layout.mask, torch.finfo(x.dtype).min)[:, None, None, :]
         out = self.bert.encoder(x, attention_mask=bias).last_hidden_state
-        text, visual, acoustic = (out.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden)) for idx in unpack)
-        return Encoded(text=text, visual=visual, acoustic=acoustic, sequence=out, sequence_mask=sequence_mask)
+        text, visual, acoustic = (out.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden)) for idx in layout.unpack)
+        return Encoded(text=text, visual=visual, acoustic=acoustic, sequence=out, sequence_mask=layout.mask)
 
     def forward(
         self,
@@ -228,20 +231,23 @@ class MEmoBERT(nn.Module):
         text_ids: Tensor | None = None,
         visual_masked: Tensor | None = None,
         acoustic_masked: Tensor | None = None,
+        layout: PackedLayout | None = None,
         head: str | None = None,
-        select: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Encoded | Tensor:
-        """Encode; with `head` (one of HEADS), return that head's output at the `select`ed positions [N, out].
+        """Encode; with `head` (one of HEADS), return that head's output at `positions` [N, out].
 
-        text_ids replaces batch.text_ids (masked tokens); *_masked are bool [B, L*] frames to mask.
-        Heads run inside forward so wrappers (DDP, DeepSpeed) see every parameter use.
+        positions are flat indices into the head's modality [B * Lm] (pretrain.batch.flat_positions),
+        so selecting needs no value from the device. text_ids replaces batch.text_ids (masked
+        tokens); *_masked are bool [B, L*] frames to mask. Heads run inside forward so wrappers (DDP,
+        DeepSpeed) see every parameter use.
         """
-        enc = self.encode(batch, text_ids, visual_masked, acoustic_masked)
+        enc = self.encode(batch, text_ids, visual_masked, acoustic_masked, layout)
         if head is None:
             return enc
-        if head not in HEADS or select is None:
-            raise ValueError(f"head must be one of {list(HEADS)} and comes with `select`; got {head!r}")
-        h = getattr(enc, HEADS[head])[select]
+        if head not in HEADS or positions is None:
+            raise ValueError(f"head must be one of {list(HEADS)} and comes with `positions`; got {head!r}")
+        h = getattr(enc, HEADS[head]).flatten(0, 1).index_select(0, positions)
         if head == "mlm":
             return self.cls(h)
         if head == "visual":
@@ -249,6 +255,16 @@ class MEmoBERT(nn.Module):
         if head == "acoustic":
             return self.acoustic_head(h, self.acoustic_embed.proj.weight)
         return self.fer_head(h)
+
+    def compile_layers(self) -> None:
+        """torch.compile each encoder layer in place, torchtitan style: one graph serves every layer.
+
+        Dynamic shapes, because length bucketing gives every batch its own sequence length: static
+        graphs would recompile per length and fall back to eager past dynamo's recompile limit.
+        Module.compile keeps parameter names, so checkpoints and exports are unchanged.
+        """
+        for layer in self.bert.encoder.layer:
+            layer.compile(dynamic=True)
 
     # ---- accounting ---------------------------------------------------------------------------
 
@@ -304,33 +320,6 @@ class MEmoBERT(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{folder}: weights do not match the config (missing {missing}, unexpected {unexpected})")
         return model.to(device)
-
-
-def compact_layout(masks: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Index maps for packing right-padded modalities compactly per sample.
-
-    Returns the gather index [B, L] into the modalities concatenated along dim 1, the validity mask
-    [B, L] of the packed sequence (L = longest total), and per modality [B, Lm] the packed position of
-    each of its positions (0 at padding; those rows are never read by a loss).
-    """
-    lengths = [m.sum(1) for m in masks]
-    total = torch.stack(lengths).sum(0)
-    width = int(total.max())  # one host sync: the packed length is data dependent
-    device = masks[0].device
-    pos = torch.arange(width, device=device)[None]
-    gather = torch.zeros(total.shape[0], width, dtype=torch.long, device=device)
-    start = torch.zeros_like(total)
-    offset = 0
-    unpack = []
-    for m, n in zip(masks, lengths):
-        s = start[:, None]
-        inside = (pos >= s) & (pos < s + n[:, None])
-        gather = torch.where(inside, offset + pos - s, gather)
-        own = torch.arange(m.shape[1], device=device)[None]
-        unpack.append(torch.where(m, s + own, 0))
-        start = start + n
-        offset += m.shape[1]
-    return gather, pos < total[:, None], unpack
 
 
 def _bert_config(base: BertConfig, model_cfg: ModelConfig) -> BertConfig:

@@ -1,7 +1,8 @@
 """The four pretraining tasks (WWMLM, SpanMVFR, SpanMVFC-KL, SpanMAFR) and the authors' task mixing.
 
 Each task masks only its own modality (the others stay intact), runs the model, and returns the
-mean loss over its targets. Losses are sum / max(targets, 1): a micro-batch without targets gives
+mean loss over its targets. Masks and target positions are drawn on the host copy of the staged
+micro-batch (pretrain.batch.stage), so a task never waits for a value from the device. Losses are sum / max(targets, 1): a micro-batch without targets gives
 an exact zero that still flows through the same parameters as a normal step, so data-parallel
 ranks produce gradients for the same parameter set.
 """
@@ -16,26 +17,30 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pretrain.batch import Batch
+from pretrain.batch import Staged, flat_positions
 from pretrain.config import TASKS, MaskConfig, TaskConfig
 from pretrain.masking import IGNORE_INDEX, span_mask, whole_word_mask
 
 
 @dataclass
 class TaskOutput:
-    """A task's loss (mean over its targets), how many targets it had, and float metrics for logging."""
+    """A task's loss (mean over its targets), how many targets it had (a host int), and device-side counts.
+
+    metrics stay tensors on the device (e.g. "correct": right predictions at the targets), so a
+    training step never waits for them; read them when logging.
+    """
 
     loss: Tensor
     num_targets: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Task(Protocol):
-    """Masks its modality in `batch` with `generator`, runs `model`, returns the loss over its targets."""
+    """Masks its modality on the host copy of `staged` with `generator`, runs `model`, returns the loss over its targets."""
 
     name: str
 
-    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> TaskOutput: ...
+    def __call__(self, model: nn.Module, staged: Staged, generator: torch.Generator) -> TaskOutput: ...
 
 
 class WWMLM:
@@ -46,14 +51,21 @@ class WWMLM:
     def __init__(self, prob: float, mask_id: int, vocab_size: int) -> None:
         self.prob, self.mask_id, self.vocab_size = prob, mask_id, vocab_size
 
-    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> TaskOutput:
-        ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, self.prob, self.mask_id, self.vocab_size, generator)
-        select = labels != IGNORE_INDEX
-        logits = model(batch, text_ids=ids, head="mlm", select=select).float()
-        targets = labels[select]
+    def __call__(self, model: nn.Module, staged: Staged, generator: torch.Generator) -> TaskOutput:
+        host = staged.host
+        ids, labels = whole_word_mask(host.text_ids, host.word_ids, self.prob, self.mask_id, self.vocab_size, generator)
+        picked = labels != IGNORE_INDEX
+        targets = staged.upload(labels[picked])
+        logits = model(
+            staged.device,
+            layout=staged.layout,
+            text_ids=staged.upload(ids),
+            head="mlm",
+            positions=staged.upload(flat_positions(picked)),
+        ).float()
         n = targets.numel()
         loss = F.cross_entropy(logits, targets, reduction="sum") / max(n, 1)
-        return TaskOutput(loss, n, _accuracy(logits.argmax(-1) == targets))
+        return TaskOutput(loss, n, {"correct": (logits.argmax(-1) == targets).sum()})
 
 
 class SpanFrameRegression:
@@ -62,12 +74,18 @@ class SpanFrameRegression:
     def __init__(self, name: str, modality: Literal["visual", "acoustic"], ratio: float, span: int) -> None:
         self.name, self.modality, self.ratio, self.span = name, modality, ratio, span
 
-    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> TaskOutput:
-        frames, valid = getattr(batch, self.modality), getattr(batch, f"{self.modality}_mask")
-        masked = span_mask(valid.sum(1), self.ratio, self.span, generator, max_len=valid.shape[1])
-        pred = model(batch, head=self.modality, select=masked, **{f"{self.modality}_masked": masked}).float()
-        target = frames[masked].float()
-        n = target.shape[0]
+    def __call__(self, model: nn.Module, staged: Staged, generator: torch.Generator) -> TaskOutput:
+        masked, positions = _span_positions(staged, self.modality, self.ratio, self.span, generator)
+        pred = model(
+            staged.device,
+            layout=staged.layout,
+            head=self.modality,
+            positions=positions,
+            **{f"{self.modality}_masked": masked},
+        ).float()
+        frames = getattr(staged.device, self.modality)
+        target = frames.flatten(0, 1).index_select(0, positions).float()
+        n = positions.numel()
         # Mean over frames of the per-frame mean squared error (= mean over all masked elements).
         loss = (pred - target).pow(2).sum() / (max(n, 1) * frames.shape[-1])
         return TaskOutput(loss, n)
@@ -81,24 +99,27 @@ class SpanMVFCKL:
     def __init__(self, ratio: float, span: int) -> None:
         self.ratio, self.span = ratio, span
 
-    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> TaskOutput:
-        valid = batch.visual_mask
-        masked = span_mask(valid.sum(1), self.ratio, self.span, generator, max_len=valid.shape[1])
-        log_pred = F.log_softmax(model(batch, visual_masked=masked, head="fer", select=masked).float(), dim=-1)
-        target = batch.vprob[masked].float()
+    def __call__(self, model: nn.Module, staged: Staged, generator: torch.Generator) -> TaskOutput:
+        masked, positions = _span_positions(staged, "visual", self.ratio, self.span, generator)
+        logits = model(staged.device, layout=staged.layout, visual_masked=masked, head="fer", positions=positions)
+        log_pred = F.log_softmax(logits.float(), dim=-1)
+        target = staged.device.vprob.flatten(0, 1).index_select(0, positions).float()
         # vprob is stored in float16: renormalise so the target is an exact distribution.
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-6)
-        n = target.shape[0]
+        n = positions.numel()
         # KL summed over classes, averaged over frames (the authors' validation loss; their training
         # loop averages over classes too, i.e. this / vprob_dim).
         loss = F.kl_div(log_pred, target, reduction="sum") / max(n, 1)
-        return TaskOutput(loss, n, _accuracy(log_pred.argmax(-1) == target.argmax(-1)))
+        return TaskOutput(loss, n, {"correct": (log_pred.argmax(-1) == target.argmax(-1)).sum()})
 
 
-def _accuracy(hits: Tensor) -> dict[str, float]:
-    """`correct` (a count, to sum over micro-batches and ranks) and `acc` (this micro-batch's fraction)."""
-    correct = float(hits.sum())
-    return {"correct": correct, "acc": correct / max(hits.numel(), 1)}
+def _span_positions(
+    staged: Staged, modality: str, ratio: float, span: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Span mask of `modality`'s frames drawn on the host: (bool [B, Lm], flat positions [N]), both on the device."""
+    valid = getattr(staged.host, f"{modality}_mask")
+    masked = span_mask(valid.sum(1), ratio, span, generator, max_len=valid.shape[1])
+    return staged.upload(masked), staged.upload(flat_positions(masked))
 
 
 def build_tasks(mask_cfg: MaskConfig, mask_id: int, vocab_size: int) -> dict[str, Task]:
@@ -114,10 +135,10 @@ def build_tasks(mask_cfg: MaskConfig, mask_id: int, vocab_size: int) -> dict[str
 
 
 def run_task(
-    name: str, model: nn.Module, batch: Batch, mask_cfg: MaskConfig, generator: torch.Generator, *, mask_id: int
+    name: str, model: nn.Module, staged: Staged, mask_cfg: MaskConfig, generator: torch.Generator, *, mask_id: int
 ) -> TaskOutput:
-    """Run one task by name on a micro-batch; `model` is the bare MEmoBERT (its vocab size feeds WWMLM)."""
-    return build_tasks(mask_cfg, mask_id, model.config.vocab_size)[name](model, batch, generator)
+    """Run one task by name on a staged micro-batch; `model` is the bare MEmoBERT (its vocab size feeds WWMLM)."""
+    return build_tasks(mask_cfg, mask_id, model.config.vocab_size)[name](model, staged, generator)
 
 
 class TaskSampler:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from memobert.config import ConfigError, to_dict
-from pretrain.batch import Batch
+from pretrain.batch import Batch, stage
 from pretrain.config import PretrainConfig
 from pretrain.export import TRAINER_STATE
 from pretrain.loader import build_loader
@@ -64,6 +64,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     ids = special_ids(cfg)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = MEmoBERT.from_config(cfg.model, vocab_size=ids.vocab_size)
+    if cfg.train.compile:
+        model.compile_layers()
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda
     )
@@ -99,7 +101,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     preempted = _install_sigterm_flag()
     peak = _peak_flops(use_cuda, bf16)
 
-    window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # task -> [loss x targets, targets]
+    # task -> [sum of loss x targets (a device tensor, read at log time), targets]
+    window: dict[str, list[Any]] = defaultdict(lambda: [0.0, 0])
     window_samples = window_tokens = 0
     window_wait = 0.0
     window_start = time.perf_counter()
@@ -118,9 +121,10 @@ def train(cfg: PretrainConfig) -> TrainResult:
             consumed += 1
             torch.manual_seed(_seed(cfg.train.seed, rank, consumed))  # dropout of this micro-batch
             masks = torch.Generator().manual_seed(_seed(cfg.train.seed + 1, rank, consumed))
-            batch = batch.to(engine.device, dtype=float_dtype)
-            outputs = {name: task_fns[name](engine.module, batch, masks) for name in tasks}
+            staged = stage(batch, engine.device, float_dtype)
+            outputs = {name: task_fns[name](engine.module, staged, masks) for name in tasks}
             loss = sum(out.loss for out in outputs.values())
+            # The step's one host-device sync: a non-finite loss must be known before backward.
             if not _finite_on_all_ranks(loss):
                 # Drop this micro-batch on every rank before backward, so DeepSpeed's accumulation
                 # counters stay in step; the next micro-batch takes its place.
@@ -140,7 +144,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             micro += 1
             _accumulate(window, outputs)
             window_samples += batch.size
-            window_tokens += int(batch.text_mask.sum() + batch.visual_mask.sum() + batch.acoustic_mask.sum())
+            window_tokens += staged.num_positions
         step += 1
         progress.update(1)
 
@@ -154,6 +158,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 data_wait_pct=100.0 * window_wait / max(elapsed, 1e-9),
                 nonfinite_skipped=nonfinite_total,
             )
+            if use_cuda:
+                last_metrics["max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if peak:
                 last_metrics["mfu"] = model.flops_per_token(mean_len) * last_metrics["tokens_per_s"] / (peak * world_size)
             _emit(last_metrics, metrics_file, tensorboard, progress, step)
@@ -208,14 +214,14 @@ def validate(engine: Any, cfg: PretrainConfig, rank: int, world_size: int, ids: 
     correct = torch.zeros(2)  # masked tokens right, masked tokens
     batches = iter(loader)
     for i in range(cfg.train.val_batches):
-        batch = next(batches).to(engine.device, dtype=float_dtype)
+        staged = stage(next(batches), engine.device, float_dtype)
         masks = torch.Generator().manual_seed(_seed(cfg.train.seed + 2, rank, i))
         for name, task in task_fns.items():
-            out = task(engine.module, batch, masks)
+            out = task(engine.module, staged, masks)
             sums[name][0] += float(out.loss) * out.num_targets
             sums[name][1] += out.num_targets
             if name == "wwmlm":
-                correct += torch.tensor([out.metrics.get("correct", 0.0), float(out.num_targets)])
+                correct += torch.tensor([float(out.metrics["correct"]), float(out.num_targets)])
     names = sorted(sums)
     totals = torch.tensor([v for name in names for v in sums[name]] + correct.tolist(), dtype=torch.float64, device=_comm_device())
     if world_size > 1:
@@ -369,14 +375,14 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def _accumulate(window: dict[str, list[float]], outputs: dict[str, TaskOutput]) -> None:
+def _accumulate(window: dict[str, list[Any]], outputs: dict[str, TaskOutput]) -> None:
     for name, out in outputs.items():
-        window[name][0] += float(out.loss.detach()) * out.num_targets
+        window[name][0] = window[name][0] + out.loss.detach().float() * out.num_targets  # stays on the device
         window[name][1] += out.num_targets
 
 
-def _window_metrics(window: dict[str, list[float]], samples: int, tokens: int, seconds: float) -> dict[str, float]:
-    metrics = {f"loss/{name}": s / n for name, (s, n) in window.items() if n > 0}
+def _window_metrics(window: dict[str, list[Any]], samples: int, tokens: int, seconds: float) -> dict[str, float]:
+    metrics = {f"loss/{name}": float(s) / n for name, (s, n) in window.items() if n > 0}
     metrics["samples_per_s"] = samples / max(seconds, 1e-9)
     metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
     return metrics

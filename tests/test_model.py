@@ -12,9 +12,9 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from memobert.schema import Utterance
-from pretrain.batch import Batch, collate
+from pretrain.batch import Batch, collate, compact_layout, flat_positions
 from pretrain.config import ModelConfig
-from pretrain.model import MEmoBERT, compact_layout
+from pretrain.model import MEmoBERT
 
 CLS_ID, SEP_ID, MASK_ID, VOCAB_SIZE = 101, 102, 103, 30522  # bert-base-uncased
 VISUAL_DIM, ACOUSTIC_DIM = 342, 768
@@ -122,11 +122,11 @@ def test_masked_frames_ignore_their_raw_features() -> None:
 def test_heads_output_shapes_and_tied_weights() -> None:
     model = tiny_model()
     batch = make_batch([(3, 8, 10), (5, 6, 4)])
-    select = batch.visual_mask.clone()
-    assert model(batch, head="visual", select=select).shape == (int(select.sum()), VISUAL_DIM)
-    assert model(batch, head="fer", select=select).shape == (int(select.sum()), 8)
-    assert model(batch, head="acoustic", select=batch.acoustic_mask).shape == (int(batch.acoustic_mask.sum()), ACOUSTIC_DIM)
-    assert model(batch, head="mlm", select=batch.text_mask).shape == (int(batch.text_mask.sum()), VOCAB_SIZE)
+    visual, acoustic, text = (flat_positions(m) for m in (batch.visual_mask, batch.acoustic_mask, batch.text_mask))
+    assert model(batch, head="visual", positions=visual).shape == (int(batch.visual_mask.sum()), VISUAL_DIM)
+    assert model(batch, head="fer", positions=visual).shape == (int(batch.visual_mask.sum()), 8)
+    assert model(batch, head="acoustic", positions=acoustic).shape == (int(batch.acoustic_mask.sum()), ACOUSTIC_DIM)
+    assert model(batch, head="mlm", positions=text).shape == (int(batch.text_mask.sum()), VOCAB_SIZE)
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     assert model.visual_head.weight is None
     untied = tiny_model(tie_frame_regression=False)
@@ -200,8 +200,7 @@ def test_base_flavor_full_size_forward_backward() -> None:
     assert 110e6 < model.num_params() < 125e6
     assert model.flops_per_token(100) > 6 * 85e6  # the encoder alone is ~85M non-embedding parameters
     batch = make_batch([(8, 12, 20)])
-    select = batch.visual_mask.clone()
-    loss = model(batch, head="visual", select=select).pow(2).mean()
+    loss = model(batch, head="visual", positions=flat_positions(batch.visual_mask)).pow(2).mean()
     loss.backward()
     grad = model.bert.encoder.layer[0].attention.self.query.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -154,6 +154,21 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes(tmp_path: Path, shard
     assert steps[-2:] == [stopped["step"] + 1, stopped["step"] + 2]  # continued, not restarted
 
 
+def test_compiled_layers_train_like_eager(tmp_path: Path, shards: dict[str, Path]) -> None:
+    # Without dropout the compiled encoder layers compute what eager ones do, inside the DeepSpeed engine.
+    common = ["train.steps=3", "train.log_every=1", "optim.warmup_steps=1", "model.dropout=0.0"]
+    _pretrain(tmp_path / "eager", shards, *common)
+    _pretrain(tmp_path / "compiled", shards, *common, "train.compile=true")
+    eager, compiled = _train_losses(tmp_path / "eager"), _train_losses(tmp_path / "compiled")
+    assert [step for step, _ in compiled] == [1, 2, 3]
+    for (_, a), (_, b) in zip(eager, compiled):
+        assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4) for k in a), (a, b)
+    before, after = _weights(tmp_path / "eager/checkpoints/step_3"), _weights(tmp_path / "compiled/checkpoints/step_3")
+    assert before.keys() == after.keys()  # compiling keeps parameter names: checkpoints and exports unchanged
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_two_ranks_same_losses_across_zero_stages(tmp_path: Path, shards: dict[str, Path]) -> None:
     common = ["train.steps=5", "train.log_every=1", "train.micro_batch=4", "train.grad_accum=2", "optim.warmup_steps=1"]
     losses = {}
