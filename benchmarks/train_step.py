@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--vocab", default=None, help="vocab folder to record in the shards' manifest")
+    parser.add_argument("--compile", action="store_true", help="compile the encoder layers of both models (train.compile)")
     args = parser.parse_args()
 
     use_cuda = torch.cuda.is_available()
@@ -93,6 +94,8 @@ def main() -> None:
     # Plain PyTorch: fp32 weights, bf16 autocast on GPU, the same optimizer, schedule and clipping.
     torch.manual_seed(0)
     plain = MEmoBERT.from_config(cfg.model, vocab_size=ids.vocab_size).to(device)
+    if args.compile:
+        plain.compile_layers()
     opt = torch.optim.AdamW(param_groups(plain, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
@@ -114,6 +117,8 @@ def main() -> None:
     init_distributed()
     torch.manual_seed(0)
     model = MEmoBERT.from_config(cfg.model, vocab_size=ids.vocab_size)
+    if args.compile:
+        model.compile_layers()
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
@@ -126,7 +131,8 @@ def main() -> None:
     ds_s = run(ds_step, engine.module, data, cfg, device, dtype, args.steps, args.warmup)
     samples = cfg.train.micro_batch * cfg.train.grad_accum
     print(f"device {torch.cuda.get_device_name() if use_cuda else 'cpu'} ({os.cpu_count()} cores), flavor {args.flavor}, "
-          f"micro-batch {args.micro_batch} x accumulation {args.grad_accum}, {'bf16' if use_cuda else 'fp32'}")
+          f"micro-batch {args.micro_batch} x accumulation {args.grad_accum}, {'bf16' if use_cuda else 'fp32'}"
+          f"{', compiled encoder layers' if args.compile else ''}")
     print(f"plain PyTorch AdamW loop: {plain_s * 1000:8.1f} ms/step  {samples / plain_s:8.1f} samples/s")
     print(f"DeepSpeed engine (ZeRO {cfg.train.zero_stage}): {ds_s * 1000:8.1f} ms/step  {samples / ds_s:8.1f} samples/s")
     print(f"ratio DeepSpeed / plain: {ds_s / plain_s:.3f}")

@@ -1,0 +1,85 @@
+"""Kernel launches per training micro-batch, and the launch-bound ceiling they put on samples/s.
+
+Runs forward + backward of each pretraining task for the base flavor on the `meta` device (shapes,
+no data) under a dispatch mode that counts aten ops: in eager mode each is about one kernel launch
+on a GPU, and the count barely depends on the micro-batch size. With a host cost per launch
+(--host-us: eager PyTorch's dispatch + autograd + CUDA launch, typically 5-15 us per op on a fast
+core), a micro-batch of B samples cannot run faster than ops x host-us, whatever the GPU: this
+prints that ceiling in samples/s beside what the GPU's arithmetic allows at a given MFU. When the
+ceiling is the lower figure, the step is launch-bound: larger micro-batches, or compiled layers
+that fuse kernels, are the remedy.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/host_overhead.py [--flavor base] [--micro-batches 40,160,640]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loader import write_shards  # noqa: E402  (benchmarks/loader.py: realistic synthetic shards)
+
+from pretrain.batch import stage  # noqa: E402
+from pretrain.config import DataConfig, MaskConfig, ModelConfig  # noqa: E402
+from pretrain.loader import build_loader  # noqa: E402
+from pretrain.model import MEmoBERT  # noqa: E402
+from pretrain.tasks import build_tasks  # noqa: E402
+
+H100_BF16 = 989e12
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops dispatched while active (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flavor", default="base")
+    parser.add_argument("--micro-batches", default="40,160,640")
+    parser.add_argument("--host-us", type=float, default=10.0, help="host microseconds per launched op")
+    parser.add_argument("--mfu", type=float, default=0.4, help="GPU efficiency for the arithmetic-bound figure")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = MEmoBERT.from_config(ModelConfig(flavor=args.flavor)).to("meta")
+    tasks = build_tasks(MaskConfig(), mask_id=103, vocab_size=model.config.vocab_size)
+    shards = write_shards(Path(tempfile.mkdtemp()), 4000, 4)
+    print(f"flavor {args.flavor}; launch-bound ceiling at {args.host_us:g} us per op; "
+          f"arithmetic bound: H100 bf16 at {args.mfu:.0%} MFU")
+    print(f"{'micro-batch':>11} {'aten ops (min-max over tasks)':>30} {'positions/sample':>17} "
+          f"{'launch-bound samples/s':>23} {'arithmetic-bound samples/s':>27}")
+    for size in (int(s) for s in args.micro_batches.split(",")):
+        loader = build_loader(str(shards), DataConfig(num_workers=0), batch_size=size, rank=0, world_size=1, seed=0,
+                              cls_id=101, sep_id=102)
+        batches = iter(loader)
+        ops, positions, samples = [], 0, 0
+        for name, task in tasks.items():  # one batch per task: lengths vary as in training
+            staged = stage(next(batches), "meta", torch.float32)
+            counter = OpCounter()
+            with counter:
+                task(model, staged, torch.Generator().manual_seed(0)).loss.backward()
+            ops.append(counter.count)
+            positions += staged.num_positions
+            samples += staged.host.size
+        per_sample = positions / samples
+        launch_bound = size / (sum(ops) / len(ops) * args.host_us * 1e-6)
+        arithmetic_bound = H100_BF16 * args.mfu / (model.flops_per_token(per_sample) * per_sample)
+        print(f"{size:>11} {f'{min(ops)}-{max(ops)}':>30} {per_sample:>17.1f} {launch_bound:>23,.0f} {arithmetic_bound:>27,.0f}")
+
+
+if __name__ == "__main__":
+    main()
