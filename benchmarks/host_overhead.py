@@ -7,7 +7,8 @@ on a GPU, and the count barely depends on the micro-batch size. With a host cost
 core), a micro-batch of B samples cannot run faster than ops x host-us, whatever the GPU: this
 prints that ceiling in samples/s beside what the GPU's arithmetic allows at a given MFU. When the
 ceiling is the lower figure, the step is launch-bound: larger micro-batches, or compiled layers
-that fuse kernels, are the remedy.
+that fuse kernels, are the remedy. Also sums the bytes autograd saves for backward (the
+activation memory; meta tensors are fp32, so half of it approximates bf16) to show what fits.
 
     PYTHONPATH=. .venv/bin/python benchmarks/host_overhead.py [--flavor base] [--micro-batches 40,160,640]
 """
@@ -46,6 +47,20 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Sums the bytes of tensors saved for backward, leaving out parameters (counted once elsewhere)."""
+
+    def __init__(self, params: set[int]) -> None:
+        self.bytes = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in params:
+                self.bytes += t.numel() * t.element_size()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flavor", default="base")
@@ -61,24 +76,29 @@ def main() -> None:
     print(f"flavor {args.flavor}; launch-bound ceiling at {args.host_us:g} us per op; "
           f"arithmetic bound: H100 bf16 at {args.mfu:.0%} MFU")
     print(f"{'micro-batch':>11} {'aten ops (min-max over tasks)':>30} {'positions/sample':>17} "
-          f"{'launch-bound samples/s':>23} {'arithmetic-bound samples/s':>27}")
+          f"{'launch-bound samples/s':>23} {'arithmetic-bound samples/s':>27} {'activations GiB (bf16)':>23}")
     for size in (int(s) for s in args.micro_batches.split(",")):
         loader = build_loader(str(shards), DataConfig(num_workers=0), batch_size=size, rank=0, world_size=1, seed=0,
                               cls_id=101, sep_id=102)
         batches = iter(loader)
-        ops, positions, samples = [], 0, 0
+        ops, positions, samples, saved = [], 0, 0, []
+        params = {id(p) for p in model.parameters()}
         for name, task in tasks.items():  # one batch per task: lengths vary as in training
             staged = stage(next(batches), "meta", torch.float32)
-            counter = OpCounter()
+            counter, memory = OpCounter(), SavedBytes(params)
             with counter:
                 task(model, staged, torch.Generator().manual_seed(0)).loss.backward()
+            with memory:  # separately: the hooks change what autograd dispatches
+                task(model, staged, torch.Generator().manual_seed(0)).loss.backward()
             ops.append(counter.count)
+            saved.append(memory.bytes / 2 / 2**30)
             positions += staged.num_positions
             samples += staged.host.size
         per_sample = positions / samples
         launch_bound = size / (sum(ops) / len(ops) * args.host_us * 1e-6)
         arithmetic_bound = H100_BF16 * args.mfu / (model.flops_per_token(per_sample) * per_sample)
-        print(f"{size:>11} {f'{min(ops)}-{max(ops)}':>30} {per_sample:>17.1f} {launch_bound:>23,.0f} {arithmetic_bound:>27,.0f}")
+        print(f"{size:>11} {f'{min(ops)}-{max(ops)}':>30} {per_sample:>17.1f} {launch_bound:>23,.0f} "
+              f"{arithmetic_bound:>27,.0f} {max(saved):>23.1f}")
 
 
 if __name__ == "__main__":
