@@ -357,7 +357,7 @@ def _seed(base: int, rank: int, position: int) -> int:
 
 
 def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
-    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
+    flag = torch.isfinite(loss.detach()).all().float().reshape(1)  # read once, below
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
@@ -369,9 +369,10 @@ def _comm_device() -> torch.device:
 
 
 def _any_rank(flag: bool) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag  # no collective, no upload: a single GPU keeps running ahead
     value = torch.tensor([float(flag)], device=_comm_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
 
