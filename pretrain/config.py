@@ -97,6 +97,9 @@ class TrainConfig:
     # torch.compile each encoder layer: fuses its LayerNorm, GELU, dropout and bias kernels. A
     # speed setting, not part of the recipe; off until measured on a GPU (docs/benchmarks.md).
     compile: bool = False
+    # Profile optimizer steps [first, last) with torch.profiler: a Chrome trace per rank in
+    # <out_dir>/profile, the top ops in the log and, on a GPU, the share of time the device was busy.
+    profile_steps: tuple[int, int] | None = None
     seed: int = 42
     out_dir: str = "runs/pretrain"
     log_every: int = 50
@@ -111,6 +114,9 @@ class TrainConfig:
     def validate(self) -> None:
         for key in ("global_batch", "micro_batch", "grad_accum", "steps", "log_every", "val_every", "ckpt_every"):
             check(getattr(self, key) > 0, key, "must be positive")
+        if self.profile_steps is not None:
+            first, last = self.profile_steps
+            check(0 <= first < last, "profile_steps", f"must be [first, last) with 0 <= first < last, got {self.profile_steps}")
         check(
             self.global_batch % (self.micro_batch * self.grad_accum) == 0,
             "global_batch",

@@ -100,6 +100,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     progress = _progress(rank, step, cfg.train.steps)
     preempted = _install_sigterm_flag()
     peak = _peak_flops(use_cuda, bf16)
+    profiler = StepProfiler(cfg.train.profile_steps, out_dir / "profile", rank, use_cuda) if cfg.train.profile_steps else None
 
     # task -> [sum of loss x targets (a device tensor, read at log time), targets]
     window: dict[str, list[Any]] = defaultdict(lambda: [0.0, 0])
@@ -113,6 +114,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     last_step = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
     engine.train()
     while step < last_step:
+        if profiler:
+            profiler.before_step(step)
         tasks = sampler.tasks_for_step(step)
         micro = 0
         while micro < cfg.train.grad_accum:
@@ -147,6 +150,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
             window_tokens += staged.num_positions
         step += 1
         progress.update(1)
+        if profiler and (profiled := profiler.after_step(step)) and rank == 0:
+            _emit({"step": step, **profiled}, metrics_file, tensorboard, progress, step)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             elapsed = time.perf_counter() - window_start
@@ -193,6 +198,50 @@ def train(cfg: PretrainConfig) -> TrainResult:
         last_metrics=last_metrics,
         checkpoint=last_ckpt,
     )
+
+
+class StepProfiler:
+    """torch.profiler over optimizer steps [first, last): a Chrome trace per rank, the top ops, the device's busy share."""
+
+    def __init__(self, steps: tuple[int, int], folder: Path, rank: int, use_cuda: bool) -> None:
+        self.first, self.last = steps
+        self.folder, self.rank, self.use_cuda = folder, rank, use_cuda
+        self.profile: torch.profiler.profile | None = None
+        self.start = 0.0
+
+    def before_step(self, step: int) -> None:
+        if step != self.first:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.use_cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize()  # the profiled window starts with an idle device
+        self.profile = torch.profiler.profile(activities=activities)
+        self.profile.start()
+        self.start = time.perf_counter()
+
+    def after_step(self, step: int) -> dict[str, float] | None:
+        """After optimizer step `step` (1-based): at the window's end, stop, write the trace, return figures."""
+        if self.profile is None or step != self.last:
+            return None
+        if self.use_cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.start
+        self.profile.stop()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        trace = self.folder / f"rank{self.rank}_steps{self.first}-{self.last}.json"
+        self.profile.export_chrome_trace(str(trace))
+        averages = self.profile.key_averages()
+        sort_by = "self_cuda_time_total" if self.use_cuda else "self_cpu_time_total"
+        log.info("profile of steps [%d, %d), trace %s\n%s", self.first, self.last, trace, averages.table(sort_by=sort_by, row_limit=15))
+        steps = self.last - self.first
+        figures = {"profile/ms_per_step": 1000 * wall / steps}
+        if self.use_cuda:
+            # Kernel time over wall time: what the step would gain from keeping the device fed.
+            device_s = sum(event.self_device_time_total for event in averages) / 1e6
+            figures["profile/device_busy_pct"] = 100 * device_s / wall
+        self.profile = None
+        return figures
 
 
 @torch.no_grad()

@@ -75,6 +75,7 @@ def test_round_trip_through_dict_and_yaml() -> None:
         (["tasks.ratios.itm=1"], "'tasks.ratios.itm'"),
         (["optim.warmup_steps=50000"], "'optim.warmup_steps'"),
         (["mask.span=0"], "'mask.span'"),
+        (["train.profile_steps=[5,2]"], "'train.profile_steps'"),
         (["noequals"], "not of the form key=value"),
     ],
 )

@@ -87,8 +87,11 @@ def test_trains_logs_validates_and_exports(tmp_path: Path, shards: dict[str, Pat
 
     out = tmp_path / "run"
     _pretrain(out, shards, f"data.val_shards={shards['val']}", "train.steps=30", "train.log_every=5",
-              "train.val_every=15", "tasks.mode=all", "optim.warmup_steps=3")
+              "train.val_every=15", "tasks.mode=all", "optim.warmup_steps=3", "train.profile_steps=[2,4]")
     metrics = _metrics(out)
+    assert [m["step"] for m in metrics if "profile/ms_per_step" in m] == [4]
+    trace = json.loads((out / "profile/rank0_steps2-4.json").read_text())
+    assert any(event.get("name") == "aten::addmm" for event in trace["traceEvents"])  # the model's ops were recorded
     train = [m for m in metrics if "samples_per_s" in m]
     val = [m for m in metrics if "val/wwmlm" in m]
     assert [m["step"] for m in train] == [5, 10, 15, 20, 25, 30] and [m["step"] for m in val] == [15, 30]
