@@ -43,7 +43,8 @@ def batches(cfg: PretrainConfig, n: int, bucketing: bool, ids) -> list:
 
 def run(engine_step, model, data, cfg, device, dtype, steps: int, warmup: int) -> float:
     """Seconds per optimizer step over `steps` steps after `warmup` steps."""
-    tasks = build_tasks(cfg.mask, special_ids(cfg).mask, model.config.vocab_size)
+    ids = special_ids(cfg)
+    tasks = build_tasks(cfg.mask, ids.mask, ids.vocab_size)
     sampler = TaskSampler(cfg.tasks, seed=0)
     gen = torch.Generator().manual_seed(0)
     start = 0.0
@@ -128,7 +129,7 @@ def main() -> None:
         engine.backward(loss)
         engine.step()
 
-    ds_s = run(ds_step, engine.module, data, cfg, device, dtype, args.steps, args.warmup)
+    ds_s = run(ds_step, engine, data, cfg, device, dtype, args.steps, args.warmup)
     samples = cfg.train.micro_batch * cfg.train.grad_accum
     print(f"device {torch.cuda.get_device_name() if use_cuda else 'cpu'} ({os.cpu_count()} cores), flavor {args.flavor}, "
           f"micro-batch {args.micro_batch} x accumulation {args.grad_accum}, {'bf16' if use_cuda else 'fp32'}"

@@ -256,6 +256,18 @@ class MEmoBERT(nn.Module):
             return self.acoustic_head(h, self.acoustic_embed.proj.weight)
         return self.fer_head(h)
 
+    def borrowed_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where a module's forward reads a parameter that a child owns.
+
+        ZeRO-3 gathers a parameter only around its owner's forward; train.py registers these with
+        deepspeed.zero.register_external_parameter so they are whole when read here.
+        """
+        pairs: list[tuple[nn.Module, nn.Parameter]] = [(self, self.bert.embeddings.token_type_embeddings.weight)]
+        if self.model_cfg.tie_frame_regression:
+            pairs += [(self, self.visual_embed.proj.weight), (self, self.acoustic_embed.proj.weight)]
+        pairs += [(embed, embed.position_embeddings.weight) for embed in (self.visual_embed, self.acoustic_embed)]
+        return pairs
+
     def compile_layers(self) -> None:
         """torch.compile each encoder layer in place, torchtitan style: one graph serves every layer.
 

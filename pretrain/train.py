@@ -66,6 +66,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
     model = MEmoBERT.from_config(cfg.model, vocab_size=ids.vocab_size)
     if cfg.train.compile:
         model.compile_layers()
+    if cfg.train.zero_stage == 3:
+        for module, param in model.borrowed_parameters():
+            deepspeed.zero.register_external_parameter(module, param)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda
     )
@@ -125,7 +128,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
             torch.manual_seed(_seed(cfg.train.seed, rank, consumed))  # dropout of this micro-batch
             masks = torch.Generator().manual_seed(_seed(cfg.train.seed + 1, rank, consumed))
             staged = stage(batch, engine.device, float_dtype)
-            outputs = {name: task_fns[name](engine.module, staged, masks) for name in tasks}
+            # Through the engine, not engine.module: ZeRO-3 accumulates gradients right only over forwards it sees.
+            outputs = {name: task_fns[name](engine, staged, masks) for name in tasks}
             loss = sum(out.loss for out in outputs.values())
             # The step's one host-device sync: a non-finite loss must be known before backward.
             if not _finite_on_all_ranks(loss):
@@ -266,7 +270,7 @@ def validate(engine: Any, cfg: PretrainConfig, rank: int, world_size: int, ids: 
         staged = stage(next(batches), engine.device, float_dtype)
         masks = torch.Generator().manual_seed(_seed(cfg.train.seed + 2, rank, i))
         for name, task in task_fns.items():
-            out = task(engine.module, staged, masks)
+            out = task(engine, staged, masks)
             sums[name][0] += float(out.loss) * out.num_targets
             sums[name][1] += out.num_targets
             if name == "wwmlm":

@@ -174,18 +174,31 @@ def test_compiled_layers_train_like_eager(tmp_path: Path, shards: dict[str, Path
 
 def test_two_ranks_same_losses_across_zero_stages(tmp_path: Path, shards: dict[str, Path]) -> None:
     common = ["train.steps=5", "train.log_every=1", "train.micro_batch=4", "train.grad_accum=2", "optim.warmup_steps=1"]
+    from pretrain.export import load_checkpoint_model
+
     losses = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         out = tmp_path / f"zero{stage}"
         _pretrain(out, shards, *common, f"train.zero_stage={stage}", nproc=2)
         losses[stage] = _train_losses(out)
         assert json.loads((out / "checkpoints/step_5/trainer_state.json").read_text())["world_size"] == 2
     assert [step for step, _ in losses[0]] == [1, 2, 3, 4, 5]
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
+        # ZeRO-3 reduce-scatters gradients in another order; Adam's first steps (about lr x sign of the
+        # gradient) turn those float-level differences on near-zero gradients into ~1e-4 in the loss.
+        # Its old bug (gradient accumulation outside the engine's forward) was 1e-2.
+        tolerance = 1e-3 if stage == 3 else 1e-5
         for (_, a), (_, b) in zip(losses[0], losses[stage]):
             assert a.keys() == b.keys()
             for key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-5), (stage, key)
+                assert a[key] == pytest.approx(b[key], rel=tolerance), (stage, key)
+    # ZeRO-3 partitions the weights themselves: its checkpoint must still load whole. Within 5 steps
+    # of lr 1e-3 of the replicated run's weights; a lost or misplaced partition would be off by the
+    # weights' own scale (std 0.02).
+    replicated, _ = load_checkpoint_model(tmp_path / "zero0/checkpoints")
+    partitioned, _ = load_checkpoint_model(tmp_path / "zero3/checkpoints")
+    for name, param in replicated.state_dict().items():
+        torch.testing.assert_close(partitioned.state_dict()[name], param, rtol=0, atol=5e-3, msg=name)
 
 
 def _nan_shards(folder: Path, every: int) -> Path:
