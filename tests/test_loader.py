@@ -225,3 +225,24 @@ def test_an_undecodable_sample_names_the_file_and_key(shards: Path, tmp_path: Pa
 def test_no_shard_filling_a_batch_fails_instead_of_spinning(shards: Path) -> None:
     with pytest.raises(ShardError, match="no shard has 8 clips"):
         _take(_loader(shards, _cfg(min_visual_len=1000)), 1)
+
+
+def test_pinning_keeps_a_loader_item_a_batch(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DataLoader(pin_memory=True) pins only where CUDA exists, so the page-locking itself is stood in
+    # by a recorded copy (no GPU here); what is checked is that the DataLoader's pinning walks a
+    # (Batch, dropped) item into Batch.pin_memory and gets back a Batch with every tensor pinned.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned: list[torch.Tensor] = []
+
+    def fake_pin(self: torch.Tensor, device: object = None) -> torch.Tensor:
+        pinned.append(self)
+        return self.clone()
+
+    item = next(iter(_loader(str(shards)).loader.dataset))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch, dropped = pin_memory(item)
+    assert isinstance(batch, Batch) and dropped == item[1]
+    tensors = {name: value for name, value in vars(item[0]).items() if value is not None}
+    assert len(pinned) == len(tensors) == 8
+    assert all(torch.equal(getattr(batch, name), value) for name, value in tensors.items())
