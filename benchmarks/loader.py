@@ -5,7 +5,7 @@ vprob 36 x 8, all float16, lengths correlated through the clip duration, ~15% of
 frames), then, in one process, times:
   naive      wds.WebDataset(urls, shardshuffle=False).decode()  (np.load per .npy member)
   wds-raw    the same without .decode(): webdataset's tar reading alone
-  tar        pretrain.loader.tar_samples: the loader's own tar reading
+  tar        memobert.schema.tar_samples: the loader's own tar reading
   decode     pretrain.loader.read_shard: tar + memobert.schema.decode
   loader     build_loader(num_workers=0), every sample into a collated, padded Batch
 and the padded share of batches with and without length bucketing. Per-core figures are samples per
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from memobert.schema import Manifest, Utterance, encode
+from memobert.schema import Manifest, Utterance, encode, tar_samples
 from pretrain.batch import Batch
 from pretrain.config import DataConfig
-from pretrain.loader import build_loader, kept_count, read_shard, shard_paths, tar_samples
+from pretrain.loader import build_loader, kept_count, read_shard, shard_paths
 
 DIMS = {"audio": 768, "visual": 342, "vprob": 8}
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import webdataset as wds
 
-from memobert.schema import Manifest, Utterance, encode
+from memobert.schema import Manifest, Utterance, decode, encode, tar_samples
 
 PARTS = "parts"
 UNITS_LOG = "units.jsonl"
@@ -87,7 +86,7 @@ class ShardOutput:
         pattern = str(self.folder / SHARD_PATTERN)
         with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, mtime=0.0, verbose=0) as sink:
             for part in sorted(self.parts.glob("*.tar")):
-                for sample in _read_samples(part):
+                for sample in tar_samples(str(part)):
                     sink.write(sample)
                     name = Path(sink.fname).name
                     counts[name] = counts.get(name, 0) + 1
@@ -96,25 +95,7 @@ class ShardOutput:
         return manifest
 
 
-def _read_samples(path: Path) -> Iterator[dict[str, Any]]:
-    """Raw samples of a tar written by TarWriter (members grouped by key, in order)."""
-    sample: dict[str, Any] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            data = tar.extractfile(member)
-            sample[ext] = data.read() if data else b""
-    if sample:
-        yield sample
-
-
 def read_utterances(path: Path) -> Iterator[Utterance]:
     """Every utterance of one shard or part file (tests, tools)."""
-    from memobert.schema import decode
-
-    for sample in _read_samples(path):
+    for sample in tar_samples(str(path)):
         yield decode(sample)

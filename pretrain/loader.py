@@ -8,7 +8,7 @@ How a rank's stream is made, and why it resumes exactly:
   - finite (validation): rank r reads shards r, r + world_size, ... (disjoint) once, in order, and stops
     after `num_batches`: the smallest rank's batch count, which every rank computes alike from the same
     shards without communicating, so all ranks run the same number of steps and none waits forever.
-- Inside a visit: raw members (tar_samples: webdataset's sample grouping with a ~10x faster tar reader) ->
+- Inside a visit: raw members (memobert.schema.tar_samples: webdataset's sample grouping with a ~10x faster tar reader) ->
   memobert.schema.decode (never webdataset's .decode()) -> drop clips with fewer than min_visual_len visual
   frames (counted) -> shuffle buffer -> length bucketing -> pretrain.batch.collate (dynamic padding).
   Buffers start empty at every visit, so a visit's batches depend on that visit alone: floor(kept /
@@ -37,19 +37,17 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from memobert.schema import Manifest, Utterance, decode
+from memobert.schema import Manifest, Utterance, decode, tar_samples
 from pretrain.batch import Batch, collate
 from pretrain.config import DataConfig
 
 T = TypeVar("T")
-_BLOCK = 512  # tar block size
-_END = bytes(_BLOCK)  # an all-zero block ends a tar
 
 # Bucketing sorts pools of this many batches by length: bigger pools pad less but make batches more uniform.
 POOL_BATCHES = 8
@@ -105,65 +103,6 @@ def read_shard(path: str) -> Iterator[Utterance]:
         except Exception as err:
             raise ShardError(f"{path}: sample {key!r} does not decode: {err}") from err
         yield utt
-
-
-def tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """The raw samples of a tar as webdataset groups them: {"__key__", "__url__", "<suffix>": bytes, ...}.
-
-    A minimal ustar/pax reader instead of webdataset's tar iterator: that one runs Python's tarfile, which
-    parses two headers per member (webdataset's writer adds a pax header for every float mtime) and reads
-    ~2,600 samples/s per core; this reads ~27,000 (docs/benchmarks.md, Loader).
-    """
-    sample: dict[str, Any] = {}
-    long_name = None  # from a pax or GNU long-name header, for the member that follows it
-    offset = 0
-    with open(path, "rb", buffering=1 << 20) as stream:  # big reads: fewer syscalls, kinder to network file systems
-        while (header := stream.read(_BLOCK)) != _END:
-            if len(header) < _BLOCK:
-                raise ValueError(f"ends at byte {offset + len(header)} without an end-of-archive block: truncated?")
-            if header[257:262] != b"ustar":
-                raise ValueError(f"no tar header at byte {offset}")
-            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-            data = stream.read(size)
-            if len(data) < size:
-                raise ValueError(f"member at byte {offset} is truncated: {len(data)} of {size} bytes")
-            stream.read(-size % _BLOCK)
-            offset += _BLOCK + size + -size % _BLOCK
-            kind = header[156:157]
-            if kind in (b"x", b"L"):
-                long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode()
-                continue
-            name, long_name = long_name or _header_name(header), None
-            # webdataset's rule: the key is the path up to the first dot of the file name, the rest the suffix.
-            dot = name.find(".", name.rfind("/") + 1)
-            if kind not in (b"0", b"\0") or dot < 0:
-                continue
-            key, suffix = name[:dot], name[dot + 1 :].lower()
-            if sample and key != sample["__key__"]:
-                yield sample
-                sample = {}
-            sample.setdefault("__key__", key)
-            sample.setdefault("__url__", path)
-            if suffix in sample:
-                raise ValueError(f"sample {key!r} has two {suffix!r} members")
-            sample[suffix] = data
-    if sample:
-        yield sample
-
-
-def _header_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""  # POSIX only
-    return (prefix + b"/" + name if prefix else name).decode()
-
-
-def _pax_path(records: bytes) -> str | None:
-    """The path a pax extended header sets, if any (webdataset's only set mtime)."""
-    for line in records.split(b"\n"):
-        key, _, value = line.partition(b" ")[2].partition(b"=")
-        if key == b"path":
-            return value.decode()
-    return None
 
 
 def kept_count(path: str, min_visual_len: int) -> int:

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 from helpers import write_tiny_shards
 
-from memobert.schema import Utterance, encode
+from memobert.schema import Utterance, encode, tar_samples
 from pretrain.batch import Batch
 from pretrain.config import DataConfig
 from pretrain.loader import (
@@ -23,7 +23,6 @@ from pretrain.loader import (
     padded_share,
     read_shard,
     shard_paths,
-    tar_samples,
 )
 
 N_SAMPLES, N_SHARDS, BATCH, CLS, SEP = 240, 6, 8, 101, 102
