@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader import write_shards  # noqa: E402  (benchmarks/loader.py: realistic synthetic shards)
 
 from memobert.config import load_config  # noqa: E402
-from pretrain.batch import stage  # noqa: E402
+from pretrain.batch import Batch, stage  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.loader import build_loader, padded_share  # noqa: E402
 from pretrain.model import MEmoBERT  # noqa: E402
@@ -33,7 +33,7 @@ from pretrain.train import init_distributed, linear_warmup_decay, param_groups, 
 from pretrain.vocab import special_ids  # noqa: E402
 
 
-def batches(cfg: PretrainConfig, n: int, bucketing: bool, ids) -> list:
+def batches(cfg: PretrainConfig, n: int, bucketing: bool, ids) -> list[Batch]:
     cfg.data.bucket_by_length = bucketing
     loader = build_loader(cfg.data.train_shards, cfg.data, batch_size=cfg.train.micro_batch, rank=0, world_size=1,
                           seed=0, cls_id=ids.cls, sep_id=ids.sep)
@@ -61,6 +61,31 @@ def run(engine_step, model, data, cfg, device, dtype, steps: int, warmup: int) -
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
+
+
+def time_plain_loop(cfg: PretrainConfig, data: list[Batch], device: torch.device, vocab_size: int,
+                    args: argparse.Namespace) -> float:
+    """Seconds per step of plain PyTorch: fp32 weights, bf16 autocast on GPU, the same optimizer, schedule and
+    clipping. A function of its own so that its model and optimizer are freed before DeepSpeed's are built."""
+    use_cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    plain = MEmoBERT.from_config(cfg.model, vocab_size=vocab_size).to(device)
+    if args.compile:
+        plain.compile_layers()
+    opt = torch.optim.AdamW(param_groups(plain, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
+
+    def plain_step(loss: torch.Tensor, last: bool) -> None:
+        (loss / cfg.train.grad_accum).backward()
+        if last:
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+    with autocast:
+        return run(plain_step, plain, data, cfg, device, torch.float32, args.steps, args.warmup)
 
 
 def main() -> None:
@@ -92,26 +117,7 @@ def main() -> None:
     share = sum(padded_share(b) for b in data) / len(data)
     share_plain = sum(padded_share(b) for b in unbucketed) / len(unbucketed)
 
-    # Plain PyTorch: fp32 weights, bf16 autocast on GPU, the same optimizer, schedule and clipping.
-    torch.manual_seed(0)
-    plain = MEmoBERT.from_config(cfg.model, vocab_size=ids.vocab_size).to(device)
-    if args.compile:
-        plain.compile_layers()
-    opt = torch.optim.AdamW(param_groups(plain, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
-
-    def plain_step(loss: torch.Tensor, last: bool) -> None:
-        (loss / cfg.train.grad_accum).backward()
-        if last:
-            torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-
-    with autocast:
-        plain_s = run(plain_step, plain, data, cfg, device, torch.float32, args.steps, args.warmup)
-    del plain, opt
+    plain_s = time_plain_loop(cfg, data, device, ids.vocab_size, args)
 
     import deepspeed
 
