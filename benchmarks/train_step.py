@@ -44,7 +44,7 @@ def batches(cfg: PretrainConfig, n: int, bucketing: bool, ids) -> list[Batch]:
 def run(engine_step, model, data, cfg, device, dtype, steps: int, warmup: int) -> float:
     """Seconds per optimizer step over `steps` steps after `warmup` steps."""
     ids = special_ids(cfg)
-    tasks = build_tasks(cfg.mask, ids.mask, ids.vocab_size)
+    tasks = build_tasks(cfg.mask, ids.mask, ids.random_ids)
     sampler = TaskSampler(cfg.tasks, seed=0)
     gen = torch.Generator().manual_seed(0)
     start = 0.0

@@ -53,6 +53,15 @@ class TextTokenizer:
         return self._id("[PAD]")
 
     @property
+    def first_word_id(self) -> int:
+        """The id after the last bracketed special token ([PAD], [unusedN], [CLS], ...): 999 ('!') in bert-base-uncased.
+
+        Random MLM replacements start here, as in UNITER's v_range, which the MEmoBERT authors use.
+        """
+        specials = [i for token, i in self._tok.get_vocab().items() if len(token) > 2 and token[0] == "[" and token[-1] == "]"]
+        return max(specials, default=-1) + 1
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

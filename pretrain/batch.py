@@ -96,11 +96,16 @@ def flat_positions(mask: Tensor) -> Tensor:
 
 @dataclass
 class Staged:
-    """A micro-batch ready for the model: the host batch (masks are drawn from it), its device copy and layout."""
+    """A micro-batch ready for the model: the host batch (masks are drawn from it), its device copy and layout.
+
+    `device` holds the features in the model's dtype, its inputs; `stored` holds them as the shards do
+    (float16), the targets of frame regression and KL: bf16 would round them to 3 significant digits.
+    """
 
     host: Batch
     device: Batch
     layout: PackedLayout
+    stored: Batch
 
     def upload(self, tensor: Tensor) -> Tensor:
         """A host tensor on the device, copied asynchronously (pinned first, since pageable copies sync)."""
@@ -117,12 +122,14 @@ def stage(batch: Batch, device: torch.device | str = "cpu", dtype: torch.dtype |
     """Upload a host batch (features cast to `dtype` on the device) with its packed layout computed on the host."""
     layout = compact_layout([batch.text_mask, batch.visual_mask, batch.acoustic_mask])
     device = torch.device(device)
+    stored = batch.to(device)  # one upload, in the shards' precision; the cast below runs on the device
     return Staged(
         host=batch,
-        device=batch.to(device, dtype=dtype),
+        device=stored if dtype is None else stored.to(device, dtype=dtype),
         layout=PackedLayout(
             _upload(layout.gather, device), _upload(layout.mask, device), tuple(_upload(u, device) for u in layout.unpack)
         ),
+        stored=stored,
     )
 
 

@@ -84,6 +84,8 @@ class OptimConfig:
         check(self.lr > 0, "lr", "must be positive")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off, as in DeepSpeed)")
 
 
 @dataclass
@@ -112,11 +114,14 @@ class TrainConfig:
     stop_at: int | None = None
 
     def validate(self) -> None:
-        for key in ("global_batch", "micro_batch", "grad_accum", "steps", "log_every", "val_every", "ckpt_every"):
+        for key in ("global_batch", "micro_batch", "grad_accum", "steps", "log_every", "val_every", "val_batches",
+                    "ckpt_every", "max_nonfinite_in_a_row"):
             check(getattr(self, key) > 0, key, "must be positive")
+        check(self.stop_at is None or self.stop_at > 0, "stop_at", "must be positive, or null to run to train.steps")
         if self.profile_steps is not None:
-            first, last = self.profile_steps
-            check(0 <= first < last, "profile_steps", f"must be [first, last) with 0 <= first < last, got {self.profile_steps}")
+            steps = self.profile_steps
+            check(len(steps) == 2 and 0 <= steps[0] < steps[1], "profile_steps",
+                  f"must be [first, last) with 0 <= first < last, got {list(steps)}")
         check(
             self.global_batch % (self.micro_batch * self.grad_accum) == 0,
             "global_batch",

@@ -8,6 +8,7 @@ downstream data can be checked against what the model was pretrained on.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,8 @@ from memobert.schema import MANIFEST_NAME
 from pretrain.config import PretrainConfig
 from pretrain.model import CONFIG_NAME, MEmoBERT
 from pretrain.vocab import vocab_folder
+
+log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 FEATURES_NAME = "features.json"
@@ -39,7 +42,11 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def load_checkpoint_model(path: Path) -> tuple[MEmoBERT, dict[str, Any]]:
-    """The model of a DeepSpeed checkpoint in fp32, and the trainer state saved beside it."""
+    """The model of a DeepSpeed checkpoint in fp32, and the trainer state saved beside it.
+
+    ZeRO 1-3 checkpoints hold fp32 master weights, and those are read. ZeRO-0 keeps the module's own
+    weights, so a bf16 run exports its bf16-rounded copy (a warning says so).
+    """
     step_dir = find_checkpoint(path)
     state = json.loads((step_dir / TRAINER_STATE).read_text())
     cfg = from_dict(PretrainConfig, state["config"])
@@ -47,6 +54,9 @@ def load_checkpoint_model(path: Path) -> tuple[MEmoBERT, dict[str, Any]]:
     if cfg.train.zero_stage == 0:
         # No partitions: the module's weights are whole in the model-states file.
         weights = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        if any(w.dtype == torch.bfloat16 for w in weights.values()):
+            log.warning("%s: a ZeRO-0 bf16 checkpoint holds only bf16 weights; exporting them as they are "
+                        "(ZeRO 1-3 keep fp32 master weights)", step_dir)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -21,12 +21,13 @@ def whole_word_mask(
     word_ids: Tensor,
     prob: float,
     mask_id: int,
-    vocab_size: int,
+    random_ids: tuple[int, int],
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """Mask whole words with probability `prob` each (at least one per sample that has words), BERT 80/10/10.
+    """Mask whole words with probability `prob` each (at least one per sample that has words), 80/10/10 per word.
 
-    word_ids [B, Lt] is the word index per token, -1 at [CLS]/[SEP]/padding (never masked).
+    word_ids [B, Lt] is the word index per token, -1 at [CLS]/[SEP]/padding (never masked). Random
+    replacements are drawn from ids [low, high) = `random_ids` (the authors' v_range: no special tokens).
     Returns (masked ids, labels): labels hold the original id at masked tokens, IGNORE_INDEX elsewhere.
     """
     device = text_ids.device
@@ -46,16 +47,22 @@ def whole_word_mask(
     pick = ((_uniform((batch, num_words), generator, device) + 1.0) * present).argmax(1)
     chosen |= needs_one[:, None] & (torch.arange(num_words, device=device)[None] == pick[:, None])
 
-    masked = torch.cat([chosen, torch.zeros(batch, 1, dtype=torch.bool, device=device)], 1).gather(1, column)
+    masked = _per_token(chosen, column)
     labels = torch.where(masked, text_ids, IGNORE_INDEX)
-    # 80% [MASK], 10% a random token, 10% unchanged, decided per token as in BERT's whole-word masking.
-    r = _uniform(tuple(text_ids.shape), generator, device)
-    random_ids = torch.randint(
-        vocab_size, tuple(text_ids.shape), generator=generator, device=generator.device
-    ).to(device)
+    # 80% [MASK], 10% random tokens, 10% unchanged, decided once per word as the authors' random_wwm_word
+    # does (Google's BERT decides per token), so a word is never half [MASK], half itself.
+    r = _per_token(_uniform((batch, num_words), generator, device), column)
+    low, high = random_ids
+    replacements = torch.randint(low, high, tuple(text_ids.shape), generator=generator, device=generator.device).to(device)
     ids = torch.where(masked & (r < 0.8), mask_id, text_ids)
-    ids = torch.where(masked & (r >= 0.8) & (r < 0.9), random_ids, ids)
+    ids = torch.where(masked & (r >= 0.8) & (r < 0.9), replacements, ids)
     return ids, labels
+
+
+def _per_token(per_word: Tensor, column: Tensor) -> Tensor:
+    """[B, W] word values -> [B, Lt] token values through column (W at non-word tokens: False / 0 there)."""
+    pad = torch.zeros(per_word.shape[0], 1, dtype=per_word.dtype, device=per_word.device)
+    return torch.cat([per_word, pad], 1).gather(1, column)
 
 
 def span_mask(

@@ -282,12 +282,12 @@ class MEmoBERT(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (tied weights once); optionally without the lookup tables (word, position, type)."""
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(_numel(p) for p in self.parameters())
         if exclude_embeddings:
             emb = self.bert.embeddings
             tables = [emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings,
                       self.visual_embed.position_embeddings, self.acoustic_embed.position_embeddings]
-            total -= sum(t.weight.numel() for t in tables)
+            total -= sum(_numel(t.weight) for t in tables)
         return total
 
     def flops_per_token(self, seq_len: int = 128) -> float:
@@ -342,6 +342,11 @@ def _bert_config(base: BertConfig, model_cfg: ModelConfig) -> BertConfig:
     config.attention_probs_dropout_prob = model_cfg.dropout
     config._attn_implementation = "sdpa"
     return config
+
+
+def _numel(param: Tensor) -> int:
+    # ZeRO-3 empties each rank's parameter tensors and keeps the full size in ds_numel.
+    return getattr(param, "ds_numel", param.numel())
 
 
 def _grow_rows(weight: Tensor, rows: int) -> Tensor:

@@ -48,12 +48,12 @@ class WWMLM:
 
     name = "wwmlm"
 
-    def __init__(self, prob: float, mask_id: int, vocab_size: int) -> None:
-        self.prob, self.mask_id, self.vocab_size = prob, mask_id, vocab_size
+    def __init__(self, prob: float, mask_id: int, random_ids: tuple[int, int]) -> None:
+        self.prob, self.mask_id, self.random_ids = prob, mask_id, random_ids
 
     def __call__(self, model: nn.Module, staged: Staged, generator: torch.Generator) -> TaskOutput:
         host = staged.host
-        ids, labels = whole_word_mask(host.text_ids, host.word_ids, self.prob, self.mask_id, self.vocab_size, generator)
+        ids, labels = whole_word_mask(host.text_ids, host.word_ids, self.prob, self.mask_id, self.random_ids, generator)
         picked = labels != IGNORE_INDEX
         targets = staged.upload(labels[picked])
         logits = model(
@@ -83,7 +83,7 @@ class SpanFrameRegression:
             positions=positions,
             **{f"{self.modality}_masked": masked},
         ).float()
-        frames = getattr(staged.device, self.modality)
+        frames = getattr(staged.stored, self.modality)
         target = frames.flatten(0, 1).index_select(0, positions).float()
         n = positions.numel()
         # Mean over frames of the per-frame mean squared error (= mean over all masked elements).
@@ -103,8 +103,8 @@ class SpanMVFCKL:
         masked, positions = _span_positions(staged, "visual", self.ratio, self.span, generator)
         logits = model(staged.device, layout=staged.layout, visual_masked=masked, head="fer", positions=positions)
         log_pred = F.log_softmax(logits.float(), dim=-1)
-        target = staged.device.vprob.flatten(0, 1).index_select(0, positions).float()
-        # vprob is stored in float16: renormalise so the target is an exact distribution.
+        target = staged.stored.vprob.flatten(0, 1).index_select(0, positions).float()
+        # float16 storage leaves the probabilities summing to 1 only within ~1e-3: renormalise.
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-6)
         n = positions.numel()
         # KL summed over classes, averaged over frames (the authors' validation loss; their training
@@ -122,23 +122,16 @@ def _span_positions(
     return staged.upload(masked), staged.upload(flat_positions(masked))
 
 
-def build_tasks(mask_cfg: MaskConfig, mask_id: int, vocab_size: int) -> dict[str, Task]:
-    """All four tasks by name (pretrain.config.TASKS), configured from the MaskConfig."""
+def build_tasks(mask_cfg: MaskConfig, mask_id: int, random_ids: tuple[int, int]) -> dict[str, Task]:
+    """All four tasks by name (pretrain.config.TASKS); WWMLM draws random replacements from ids [low, high)."""
     tasks: dict[str, Task] = {
-        "wwmlm": WWMLM(mask_cfg.word_mask_prob, mask_id, vocab_size),
+        "wwmlm": WWMLM(mask_cfg.word_mask_prob, mask_id, random_ids),
         "spanmvfr": SpanFrameRegression("spanmvfr", "visual", mask_cfg.visual_mask_ratio, mask_cfg.span),
         "spanmvfckl": SpanMVFCKL(mask_cfg.visual_mask_ratio, mask_cfg.span),
         "spanmafr": SpanFrameRegression("spanmafr", "acoustic", mask_cfg.acoustic_mask_ratio, mask_cfg.span),
     }
     assert tuple(tasks) == TASKS
     return tasks
-
-
-def run_task(
-    name: str, model: nn.Module, staged: Staged, mask_cfg: MaskConfig, generator: torch.Generator, *, mask_id: int
-) -> TaskOutput:
-    """Run one task by name on a staged micro-batch; `model` is the bare MEmoBERT (its vocab size feeds WWMLM)."""
-    return build_tasks(mask_cfg, mask_id, model.config.vocab_size)[name](model, staged, generator)
 
 
 class TaskSampler:

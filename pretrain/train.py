@@ -7,6 +7,8 @@ saved RNG state: the task of a step, the masks and dropout of a micro-batch are 
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import math
@@ -26,7 +28,7 @@ from memobert.config import ConfigError, to_dict
 from pretrain.batch import Batch, stage
 from pretrain.config import PretrainConfig
 from pretrain.export import TRAINER_STATE
-from pretrain.loader import build_loader
+from pretrain.loader import TimedLoader, build_loader, shard_paths
 from pretrain.model import MEmoBERT
 from pretrain.tasks import TaskOutput, TaskSampler, build_tasks
 from pretrain.vocab import special_ids
@@ -50,7 +52,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     """Train (or resume) the run in `cfg.train.out_dir` until `cfg.train.steps` or SIGTERM."""
     rank, world_size = init_distributed()
     _check_batch_arithmetic(cfg, world_size)
-    _check_feature_dims(cfg)
+    _check_shards(cfg)
     use_cuda = torch.cuda.is_available()
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda)
     out_dir = Path(cfg.train.out_dir)
@@ -77,6 +79,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16)
     )
     float_dtype = torch.bfloat16 if bf16 else torch.float32
+    # Counted after initialize, as the MFU figure counts them (ZeRO-3 has emptied the tensors by now).
+    log.info("%s: %d parameters, %d outside lookup tables (the N of MFU's 6N)", cfg.model.flavor,
+             model.num_params(), model.num_params(exclude_embeddings=True))
 
     step, consumed = 0, 0
     resumed = _resume(engine, ckpt_dir, world_size, cfg)
@@ -96,8 +101,23 @@ def train(cfg: PretrainConfig) -> TrainResult:
         start_step=consumed,
     )
     batches = iter(loader)
+    # One pass over this rank's share of the held-out shards, the same batches every time; built now so
+    # that a bad validation set fails before training, not val_every steps into it.
+    val_loader = None
+    if cfg.data.val_shards:
+        val_loader = build_loader(
+            cfg.data.val_shards,
+            cfg.data,
+            batch_size=cfg.train.micro_batch,
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.train.seed + 7919,
+            cls_id=ids.cls,
+            sep_id=ids.sep,
+            infinite=False,
+        )
     sampler = TaskSampler(cfg.tasks, seed=cfg.train.seed)
-    task_fns = build_tasks(cfg.mask, ids.mask, ids.vocab_size)
+    task_fns = build_tasks(cfg.mask, ids.mask, ids.random_ids)
     metrics_file = (out_dir / "metrics.jsonl").open("a") if rank == 0 else None
     tensorboard = _tensorboard(out_dir) if rank == 0 else None
     progress = _progress(rank, step, cfg.train.steps)
@@ -114,7 +134,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     last_metrics: dict[str, float] = {}
     last_ckpt: Path | None = None
 
-    last_step = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+    last_step = cfg.train.steps if cfg.train.stop_at is None else min(cfg.train.steps, cfg.train.stop_at)
     engine.train()
     while step < last_step:
         if profiler:
@@ -177,8 +197,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
             window_wait = 0.0
             window_start = time.perf_counter()
 
-        if cfg.data.val_shards and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
-            val = validate(engine, cfg, rank, world_size, ids, float_dtype)
+        if val_loader and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
+            val = validate(engine, val_loader, cfg, rank, ids, float_dtype)
             _emit({"step": step, **val}, metrics_file, tensorboard, progress, step)
             engine.train()
 
@@ -249,25 +269,15 @@ class StepProfiler:
 
 
 @torch.no_grad()
-def validate(engine: Any, cfg: PretrainConfig, rank: int, world_size: int, ids: Any, float_dtype: torch.dtype) -> dict[str, float]:
-    """Per-task loss and masked-token accuracy on the same held-out batches each time."""
+def validate(engine: Any, loader: TimedLoader, cfg: PretrainConfig, rank: int, ids: Any, float_dtype: torch.dtype) -> dict[str, float]:
+    """Per-task loss and masked-token accuracy over the first val_batches batches of the finite `loader`."""
     engine.eval()
-    loader = build_loader(
-        cfg.data.val_shards,
-        cfg.data,
-        batch_size=cfg.train.micro_batch,
-        rank=rank,
-        world_size=world_size,
-        seed=cfg.train.seed + 7919,
-        cls_id=ids.cls,
-        sep_id=ids.sep,
-    )
-    task_fns = build_tasks(cfg.mask, ids.mask, ids.vocab_size)
+    task_fns = build_tasks(cfg.mask, ids.mask, ids.random_ids)
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     correct = torch.zeros(2)  # masked tokens right, masked tokens
-    batches = iter(loader)
-    for i in range(cfg.train.val_batches):
-        staged = stage(next(batches), engine.device, float_dtype)
+    # Every rank's loader has the same length, so all ranks run the same forwards (ZeRO-3 gathers in each).
+    for i, batch in enumerate(itertools.islice(loader, cfg.train.val_batches)):
+        staged = stage(batch, engine.device, float_dtype)
         masks = torch.Generator().manual_seed(_seed(cfg.train.seed + 2, rank, i))
         for name, task in task_fns.items():
             out = task(engine, staged, masks)
@@ -277,7 +287,7 @@ def validate(engine: Any, cfg: PretrainConfig, rank: int, world_size: int, ids: 
                 correct += torch.tensor([float(out.metrics["correct"]), float(out.num_targets)])
     names = sorted(sums)
     totals = torch.tensor([v for name in names for v in sums[name]] + correct.tolist(), dtype=torch.float64, device=_comm_device())
-    if world_size > 1:
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)
     result = {f"val/{name}": float(totals[2 * i] / max(totals[2 * i + 1], 1.0)) for i, name in enumerate(names)}
     result["val/wwmlm_acc"] = float(totals[-2] / max(totals[-1], 1.0))
@@ -350,10 +360,13 @@ def _check_batch_arithmetic(cfg: PretrainConfig, world_size: int) -> None:
         )
 
 
-def _check_feature_dims(cfg: PretrainConfig) -> None:
-    """The model's input dims must be the shards' feature dims (manifest.json), caught before any work."""
+def _check_shards(cfg: PretrainConfig) -> None:
+    """The shards exist and hold features of the model's input dims (manifest.json), caught before any work."""
     from memobert.schema import MANIFEST_NAME, Manifest
 
+    if not cfg.data.train_shards:
+        raise ConfigError("config key 'data.train_shards' is empty: give a shard folder (with manifest.json) or a .tar pattern")
+    shard_paths(cfg.data.train_shards)  # raises FileNotFoundError naming what is missing
     folder = Path(cfg.data.train_shards)
     if not (folder / MANIFEST_NAME).is_file():
         return
@@ -406,7 +419,9 @@ def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def _seed(base: int, rank: int, position: int) -> int:
-    return (base * 1_000_003 + rank * 10_007 + position) % (2**63 - 1)
+    """A 63-bit seed per (base, rank, position), hashed: arithmetic mixes collide across ranks in long runs."""
+    digest = hashlib.blake2b(f"{base}/{rank}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _finite_on_all_ranks(loss: torch.Tensor) -> bool:

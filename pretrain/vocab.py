@@ -16,6 +16,12 @@ class SpecialIds:
     mask: int
     pad: int
     vocab_size: int
+    first_word: int  # ids from here up are real WordPieces (no [unusedN] or specials)
+
+    @property
+    def random_ids(self) -> tuple[int, int]:
+        """The ids WWMLM's random replacements are drawn from, [low, high)."""
+        return self.first_word, self.vocab_size
 
 
 def vocab_folder(cfg: PretrainConfig) -> str | None:
@@ -32,8 +38,9 @@ def vocab_folder(cfg: PretrainConfig) -> str | None:
 
 
 def special_ids(cfg: PretrainConfig) -> SpecialIds:
-    """[CLS], [SEP], [MASK], [PAD] ids and the vocab size of the run's vocabulary."""
+    """[CLS], [SEP], [MASK], [PAD] ids, the vocab size and the first real word id of the run's vocabulary."""
     from preprocessing.text import TextTokenizer
 
     tok = TextTokenizer(vocab_folder(cfg))
-    return SpecialIds(cls=tok.cls_id, sep=tok.sep_id, mask=tok.mask_id, pad=tok.pad_id, vocab_size=tok.vocab_size)
+    return SpecialIds(cls=tok.cls_id, sep=tok.sep_id, mask=tok.mask_id, pad=tok.pad_id, vocab_size=tok.vocab_size,
+                      first_word=tok.first_word_id)

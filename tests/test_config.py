@@ -76,6 +76,11 @@ def test_round_trip_through_dict_and_yaml() -> None:
         (["optim.warmup_steps=50000"], "'optim.warmup_steps'"),
         (["mask.span=0"], "'mask.span'"),
         (["train.profile_steps=[5,2]"], "'train.profile_steps'"),
+        (["train.profile_steps=5"], "'train.profile_steps'"),
+        (["train.stop_at=0"], "'train.stop_at'"),
+        (["train.val_batches=0"], "'train.val_batches'"),
+        (["optim.grad_clip=-1"], "'optim.grad_clip'"),
+        (["optim.weight_decay=-0.1"], "'optim.weight_decay'"),
         (["noequals"], "not of the form key=value"),
     ],
 )

@@ -7,7 +7,7 @@ import math
 import torch
 
 from pretrain.masking import IGNORE_INDEX, span_mask, whole_word_mask
-from tests.test_model import MASK_ID, VOCAB_SIZE, make_batch
+from tests.test_model import MASK_ID, RANDOM_IDS, make_batch
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -25,7 +25,7 @@ def _word_status(word_ids: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Te
 
 def test_whole_word_mask_ratio_whole_words_and_80_10_10() -> None:
     batch = make_batch([(30, 1, 1)] * 400, seed=1)
-    ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(0))
+    ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, RANDOM_IDS, _gen(0))
     masked = labels != IGNORE_INDEX
     hits, tokens = _word_status(batch.word_ids, masked)
     # Whole words: a word is masked in all its tokens or in none.
@@ -37,13 +37,19 @@ def test_whole_word_mask_ratio_whole_words_and_80_10_10() -> None:
     as_mask = (ids[masked] == MASK_ID).float().mean().item()
     assert abs(as_mask - 0.8) < 0.03 and abs(kept - 0.1) < 0.03 and abs(1 - as_mask - kept - 0.1) < 0.03
     assert torch.equal(ids[~masked], batch.text_ids[~masked])
+    # The authors decide 80/10/10 per word: a masked word is [MASK] in all its tokens or in none.
+    as_mask_hits, _ = _word_status(batch.word_ids, masked & (ids == MASK_ID))
+    assert torch.all((as_mask_hits == 0) | (as_mask_hits == tokens))
+    assert ((as_mask_hits > 0) & (tokens > 1)).any()  # multi-token words were masked: the check above bites
+    replaced = masked & (ids != MASK_ID) & (ids != batch.text_ids)
+    assert replaced.any() and ids[replaced].min() >= RANDOM_IDS[0]  # never a special or [unusedN] token
 
 
 def test_whole_word_mask_at_least_one_word_and_specials_untouched() -> None:
     batch = make_batch([(1, 1, 1), (2, 1, 1), (0, 1, 1), (12, 1, 1)], seed=2)
     specials = batch.word_ids < 0  # [CLS], [SEP], padding
     for seed in range(50):
-        ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(seed))
+        ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, RANDOM_IDS, _gen(seed))
         masked = labels != IGNORE_INDEX
         assert masked.sum(1).tolist()[2] == 0  # no words: nothing masked
         assert all(masked[i].any() for i in (0, 1, 3))
@@ -53,15 +59,15 @@ def test_whole_word_mask_at_least_one_word_and_specials_untouched() -> None:
 
 def test_whole_word_mask_no_words_anywhere() -> None:
     batch = make_batch([(0, 1, 1), (0, 1, 1)])
-    ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(0))
+    ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, RANDOM_IDS, _gen(0))
     assert torch.equal(ids, batch.text_ids) and torch.all(labels == IGNORE_INDEX)
 
 
 def test_whole_word_mask_reproducible_from_seed() -> None:
     batch = make_batch([(20, 1, 1)] * 8, seed=3)
-    a = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(7))
-    b = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(7))
-    c = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, _gen(8))
+    a = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, RANDOM_IDS, _gen(7))
+    b = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, RANDOM_IDS, _gen(7))
+    c = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, RANDOM_IDS, _gen(8))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
 

@@ -17,6 +17,7 @@ from pretrain.config import ModelConfig
 from pretrain.model import MEmoBERT
 
 CLS_ID, SEP_ID, MASK_ID, VOCAB_SIZE = 101, 102, 103, 30522  # bert-base-uncased
+RANDOM_IDS = (999, VOCAB_SIZE)  # bert-base-uncased's real WordPieces, '!' onwards
 VISUAL_DIM, ACOUSTIC_DIM = 342, 768
 
 

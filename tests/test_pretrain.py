@@ -81,6 +81,19 @@ def test_feature_dims_must_match_the_shards(tmp_path: Path, shards: dict[str, Pa
     assert result.returncode == 2 and "'model.acoustic_dim' is 768" in result.stderr and "dim 16" in result.stderr
 
 
+def test_missing_shards_fail_before_start(tmp_path: Path, shards: dict[str, Path]) -> None:
+    empty = _pretrain(tmp_path / "empty", {"train": ""}, check=False)
+    assert empty.returncode == 2 and "'data.train_shards' is empty" in empty.stderr
+    missing = _pretrain(tmp_path / "missing", {"train": tmp_path / "nowhere/shard-{000..001}.tar"}, check=False)
+    assert missing.returncode == 1 and "shard not found" in missing.stderr and "nowhere/shard-000.tar" in missing.stderr
+    # Too few validation shards for the ranks: caught at start, not val_every steps into the run.
+    few = _pretrain(tmp_path / "few", shards, f"data.val_shards={shards['val']}/shard-000000.tar", "train.micro_batch=4",
+                    nproc=2, check=False)
+    assert few.returncode != 0 and "1 shards" in few.stderr and "for 2 ranks" in few.stderr
+    for run in ("empty", "missing", "few"):
+        assert not (tmp_path / run / "checkpoints").exists()
+
+
 def test_trains_logs_validates_and_exports(tmp_path: Path, shards: dict[str, Path]) -> None:
     from pretrain.export import load_checkpoint_model, load_model
     from pretrain.model import MEmoBERT
@@ -176,13 +189,16 @@ def test_two_ranks_same_losses_across_zero_stages(tmp_path: Path, shards: dict[s
     common = ["train.steps=5", "train.log_every=1", "train.micro_batch=4", "train.grad_accum=2", "optim.warmup_steps=1"]
     from pretrain.export import load_checkpoint_model
 
-    losses = {}
+    losses, counts = {}, {}
     for stage in (0, 1, 2, 3):
         out = tmp_path / f"zero{stage}"
-        _pretrain(out, shards, *common, f"train.zero_stage={stage}", nproc=2)
+        run = _pretrain(out, shards, *common, f"train.zero_stage={stage}", nproc=2)
         losses[stage] = _train_losses(out)
+        # MFU's parameter count: ZeRO-3 empties each rank's tensors, and the count must not see that.
+        counts[stage] = {line.split("tiny: ")[1] for line in run.stderr.splitlines() if "(the N of MFU's 6N)" in line}
         assert json.loads((out / "checkpoints/step_5/trainer_state.json").read_text())["world_size"] == 2
     assert [step for step, _ in losses[0]] == [1, 2, 3, 4, 5]
+    assert all(len(found) == 1 for found in counts.values()) and len(set.union(*counts.values())) == 1, counts
     for stage in (1, 2, 3):
         # ZeRO-3 reduce-scatters gradients in another order; Adam's first steps (about lr x sign of the
         # gradient) turn those float-level differences on near-zero gradients into ~1e-4 in the loss.
@@ -199,6 +215,26 @@ def test_two_ranks_same_losses_across_zero_stages(tmp_path: Path, shards: dict[s
     partitioned, _ = load_checkpoint_model(tmp_path / "zero3/checkpoints")
     for name, param in replicated.state_dict().items():
         torch.testing.assert_close(partitioned.state_dict()[name], param, rtol=0, atol=5e-3, msg=name)
+
+
+def test_zero0_bf16_checkpoint_exports_its_bf16_weights_with_a_warning(
+    tmp_path: Path, shards: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from pretrain.export import load_checkpoint_model
+
+    out = tmp_path / "run"
+    _pretrain(out, shards, "train.steps=1", "train.zero_stage=0", "optim.warmup_steps=1")
+    # A GPU bf16 run's file holds the module in bf16: write this CPU run's weights as it would.
+    states = out / "checkpoints/step_1/mp_rank_00_model_states.pt"
+    checkpoint = torch.load(states, map_location="cpu", weights_only=False)
+    checkpoint["module"] = {k: v.bfloat16() if v.is_floating_point() else v for k, v in checkpoint["module"].items()}
+    torch.save(checkpoint, states)
+    with caplog.at_level("WARNING", logger="pretrain.export"):
+        model, _ = load_checkpoint_model(out)
+    assert "ZeRO-0 bf16 checkpoint holds only bf16 weights" in caplog.text
+    weight = model.bert.encoder.layer[0].attention.self.query.weight
+    assert weight.dtype == torch.float32 and torch.equal(weight, checkpoint["module"][
+        "bert.encoder.layer.0.attention.self.query.weight"].float())
 
 
 def _nan_shards(folder: Path, every: int) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,12 +11,12 @@ import torch
 from pretrain.batch import stage
 from pretrain.config import TASKS, MaskConfig, TaskConfig
 from pretrain.masking import IGNORE_INDEX, whole_word_mask
-from pretrain.tasks import TaskSampler, build_tasks, run_task
-from tests.test_model import MASK_ID, VOCAB_SIZE, make_batch, tiny_model  # noqa: F401 (fixture)
+from pretrain.tasks import TaskSampler, build_tasks
+from tests.test_model import MASK_ID, RANDOM_IDS, VOCAB_SIZE, make_batch, tiny_model  # noqa: F401 (fixture)
 
 
 def _tasks():
-    return build_tasks(MaskConfig(), MASK_ID, VOCAB_SIZE)
+    return build_tasks(MaskConfig(), MASK_ID, RANDOM_IDS)
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -42,7 +43,7 @@ def test_wwmlm_targets_and_accuracy() -> None:
     model = tiny_model()
     batch = make_batch([(6, 4, 4), (3, 0, 0)], seed=2)
     out = _tasks()["wwmlm"](model, stage(batch), torch.Generator().manual_seed(3))
-    _, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, VOCAB_SIZE, torch.Generator().manual_seed(3))
+    _, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, RANDOM_IDS, torch.Generator().manual_seed(3))
     assert out.num_targets == int((labels != IGNORE_INDEX).sum()) > 0
     assert 0 <= int(out.metrics["correct"]) <= out.num_targets
     assert abs(out.loss.item() - torch.log(torch.tensor(float(VOCAB_SIZE))).item()) < 1.5  # untrained: ~uniform
@@ -82,16 +83,6 @@ def test_samples_without_the_modality_give_no_targets(name: str, missing: str) -
     # A batch without targets still reaches the same parameters (zero gradients), so ranks stay in sync.
     assert grads.keys() == normal.keys()
     assert all(torch.isfinite(g).all() and not g.any() for g in grads.values())
-
-
-def test_run_task_by_name_matches_the_task_object() -> None:
-    model = tiny_model()
-    batch = make_batch([(6, 20, 30), (4, 16, 24)], seed=5)
-    for name, task in _tasks().items():
-        direct = task(model, stage(batch), torch.Generator().manual_seed(0))
-        by_name = run_task(name, model, stage(batch), MaskConfig(), torch.Generator().manual_seed(0), mask_id=MASK_ID)
-        assert by_name.num_targets == direct.num_targets > 0
-        assert torch.equal(by_name.loss, direct.loss)
 
 
 def test_task_sampler_follows_the_ratios_and_the_seed() -> None:
@@ -148,3 +139,17 @@ def test_compiled_layers_match_eager_with_one_graph_for_every_length() -> None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=key)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph, all layers, all lengths
     assert [k for k, _ in eager.named_parameters()] == [k for k, _ in compiled.named_parameters()]
+
+
+def test_frame_targets_keep_the_shards_precision() -> None:
+    # The model reads bf16 inputs; its regression and KL targets stay float16 as stored, not bf16-rounded.
+    model = tiny_model().to(torch.bfloat16)
+    batch = make_batch([(6, 20, 30), (4, 16, 24)], seed=4)
+    staged = stage(batch, "cpu", torch.bfloat16)
+    assert staged.device.acoustic.dtype == torch.bfloat16
+    assert torch.equal(staged.stored.acoustic, batch.acoustic) and torch.equal(staged.stored.vprob, batch.vprob)
+    for name in ("spanmafr", "spanmvfr", "spanmvfckl"):
+        task = _tasks()[name]
+        exact = task(model, staged, torch.Generator().manual_seed(0)).loss
+        rounded = task(model, replace(staged, stored=staged.device), torch.Generator().manual_seed(0)).loss
+        assert exact != rounded, name  # the targets do come from the float16 copy
