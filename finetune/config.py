@@ -138,6 +138,9 @@ class TrainConfig:
         check(self.lr > 0, "lr", "must be positive")
         for key in ("batch_size", "epochs", "patience"):
             check(getattr(self, key) > 0, key, "must be positive")
+        # clip_grad_norm_ with a max norm of 0 zeroes every gradient: nothing would train.
+        check(self.grad_clip > 0, "grad_clip", "must be positive")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
 
 
 @dataclass

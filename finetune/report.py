@@ -26,6 +26,12 @@ SETTING_NAMES = {
     "mfn": "MFN",
     "m3er": "M3ER",
 }
+# What each setting takes from a text BERT (its run records name which one: finetune.settings.text_model).
+TEXT_MODEL_USE = {
+    "bert_direct": "starts from",
+    "mfn": "takes its word embeddings from",
+    "m3er": "takes its word embeddings from",
+}
 METRICS = ("wa", "uar", "wf1")
 # The missing-modality table's columns: single modalities first, the full input last.
 TABLE_SUBSETS = ("t", "a", "v", "ta", "tv", "av", "tav")
@@ -77,6 +83,9 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
         "|---|---|---|---|",
     ]
     lines += [f"| {SETTING_NAMES[s]} | " + " | ".join(_pm(full[s][m]) for m in METRICS) + " |" for s in settings]
+    notes = text_model_notes(records, settings)
+    if notes:
+        lines += ["", " ".join(notes)]
     lines += [
         "",
         "## Missing modalities (beyond the paper)",
@@ -97,6 +106,28 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
     path = out_dir / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def text_model_notes(records: Sequence[dict[str, Any]], settings: Sequence[str]) -> list[str]:
+    """One sentence per setting built on a text BERT, naming the one its runs started from and its shape."""
+    notes = []
+    for setting in settings:
+        if setting not in TEXT_MODEL_USE:
+            continue
+        # Records written before runs named their text model have none to show.
+        models = sorted({_text_model_name(r["text_model"]) for r in records
+                         if r["setting"] == setting and r.get("text_model")})
+        if models:
+            paper = " (the paper's: bert-base-uncased, layers 12, hidden 768)" if setting == "bert_direct" else ""
+            notes.append(f"{SETTING_NAMES[setting]} {TEXT_MODEL_USE[setting]} {', '.join(models)}{paper}.")
+    return notes
+
+
+def _text_model_name(model: dict[str, Any]) -> str:
+    """E.g. "MiniLM-L6-H384-uncased (layers 6, hidden 384)"; the shape only where the folder's config.json gave it."""
+    if model["layers"] is None or model["hidden"] is None:
+        return model["name"]
+    return f"{model['name']} (layers {model['layers']}, hidden {model['hidden']})"
 
 
 def plot_confusion(records: Sequence[dict[str, Any]], setting: str, path: Path) -> Path:

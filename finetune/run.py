@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -39,9 +39,10 @@ from finetune.data import (
     split_fold,
 )
 from finetune.metrics import confusion, scores
+from finetune.prompt import Template
 from finetune.protocols import CLASSES, Fold, folds_for
 from finetune.report import write_report
-from finetune.settings import FitsOnData, build_model, learning_rate
+from finetune.settings import FitsOnData, build_model, learning_rate, text_model
 from memobert.config import ConfigError, to_dict
 from memobert.schema import MANIFEST_NAME, Manifest, Utterance
 from pretrain.batch import Batch
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 # Keys that may change between reruns into the same out_dir: they choose which runs to do or where,
-# not what a run computes.
+# not what a run computes. The device does pick train.precision auto (bf16 on CUDA, fp32 on CPU), so auto
+# is resolved before the check (resolve_precision): a device change that changes the precision is a change.
 RERUN_FREE_KEYS = ("settings", "seeds", "folds", "out_dir", "train.device")
 
 
@@ -81,6 +83,7 @@ def run_path(out_dir: Path, setting: str, seed: int, fold: int) -> Path:
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """Run every (setting, seed, fold) not yet on disk, write the report; returns results.md."""
     check_ready(cfg)
+    cfg = resolve_precision(cfg, cuda=_device(cfg).type == "cuda")
     out = Path(cfg.out_dir)
     check_and_save_config(out, cfg)
     folds = {f.index: f for f in folds_for(cfg.data.protocol)}
@@ -116,6 +119,31 @@ def check_ready(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"config key 'checkpoint': required by {', '.join(needing)} (--checkpoint)")
     if cfg.checkpoint and not Path(cfg.checkpoint).exists():
         raise ConfigError(f"config key 'checkpoint': {cfg.checkpoint} does not exist")
+    if "pretrain_prompt" in cfg.settings:
+        _check_prompt(cfg)
+
+
+def _check_prompt(cfg: FinetuneConfig) -> None:
+    """The label words and template against the vocabulary now, not when the first prompt run builds its model."""
+    tokenizer = TextTokenizer(_vocab(cfg))
+    try:
+        tokenizer.label_word_ids(list(cfg.prompt.label_words))
+    except ValueError as err:
+        raise ConfigError(f"config key 'prompt.label_words': {err}") from err
+    try:
+        template = Template.from_text(cfg.prompt.template, tokenizer, cfg.prompt.position)
+    except (KeyError, ValueError) as err:  # KeyError: a vocabulary without [MASK]
+        raise ConfigError(f"config key 'prompt.template': {err}") from err
+    if len(template.ids) > cfg.data.max_text_len:
+        raise ConfigError(f"config key 'prompt.template': {cfg.prompt.template!r} is {len(template.ids)} tokens, more "
+                          f"than data.max_text_len ({cfg.data.max_text_len})")
+
+
+def resolve_precision(cfg: FinetuneConfig, cuda: bool) -> FinetuneConfig:
+    """cfg with train.precision auto made what it means where the runs train: bf16 on CUDA, fp32 otherwise."""
+    if cfg.train.precision != "auto":
+        return cfg
+    return replace(cfg, train=replace(cfg.train, precision="bf16" if cuda else "fp32"))
 
 
 def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
@@ -146,6 +174,7 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
         "seed": seed,
         "fold": fold.index,
         "protocol": cfg.data.protocol,
+        "text_model": text_model(setting, cfg),
         "speakers": {"train": list(fold.train), "val": fold.val, "test": fold.test},
         "samples": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "fitted": fitted,
@@ -232,12 +261,14 @@ def _context(cfg: FinetuneConfig, needs_checkpoint: bool) -> Context:
     utts = load_utterances(cfg.data.shards, cfg.data)
     log.info("%d labeled samples from %s", len(utts), cfg.data.shards)
     pretrained = load_model(Path(cfg.checkpoint)) if needs_checkpoint else None
+    bf16 = cfg.train.precision == "bf16"  # run_finetune resolved auto
+    return Context(utts, TextTokenizer(_vocab(cfg)), feature_dims(utts), pretrained, _device(cfg), bf16)
+
+
+def _device(cfg: FinetuneConfig) -> torch.device:
     if cfg.train.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.train.device)
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    return Context(utts, TextTokenizer(_vocab(cfg)), feature_dims(utts), pretrained, device, bf16)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
 
 
 def _vocab(cfg: FinetuneConfig) -> str | None:

@@ -12,6 +12,8 @@ m3er               the M3ER baseline: modality check, proxies, MFN, multiplicati
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
@@ -92,6 +94,22 @@ def build_model(
         label_ids = tokenizer.label_word_ids(list(cfg.prompt.label_words))
         return PromptModel(backbone, template, label_ids, cfg.data.max_text_len, cfg.prompt.loss)
     return ClassifierModel(backbone, len(CLASSES), cfg.model.classifier_dropout)
+
+
+def text_model(setting: str, cfg: FinetuneConfig) -> dict[str, Any] | None:
+    """The text BERT a setting starts from (bert_direct's weights, the baselines' word embeddings), else None."""
+    if setting == "bert_direct":
+        folder = cfg.model.bert_folder or default_vocab_folder()
+    elif setting in BASELINE_SETTINGS:
+        folder = cfg.mfn.word_embeddings or default_vocab_folder()
+    else:
+        return None
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}  # the baselines need only model.safetensors
+    # The model's own name where it has one: the bundled default's folder is just "model".
+    name = Path(config.get("_name_or_path") or folder).name
+    return {"folder": str(folder), "name": name, "layers": config.get("num_hidden_layers"),
+            "hidden": config.get("hidden_size")}
 
 
 def learning_rate(setting: str, cfg: FinetuneConfig) -> float:

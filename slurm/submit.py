@@ -181,26 +181,32 @@ class FinetuneReport:
 
 def submit_finetune(cfg: FinetuneConfig, profile: SlurmProfile, *, dry_run: bool = False, command: str = "") -> Submitted:
     """A job array over the (setting, seed, fold) runs not done yet, then a report job after all of them."""
-    from finetune.run import check_and_save_config, check_ready, run_finetune, run_path
+    from finetune.run import check_and_save_config, check_ready, resolve_precision, run_finetune, run_path
 
     check_ready(cfg)
     out = Path(cfg.out_dir).resolve()
-    cfg = replace(cfg, out_dir=str(out))
+    # A run is one process on one device: a multi-node, one-task-per-GPU or whole-node profile (e.g.
+    # generic_gpu's 8 GPUs, --exclusive, --mem=0) would start copies of it or hold GPUs it never uses.
+    task_profile = replace(profile, nodes=1, tasks_per_node=1, gpus_per_node=min(profile.gpus_per_node, 1),
+                           exclusive=False, mem=None if profile.mem == "0" else profile.mem)
+    # Resolved here for where the tasks train, not on this (often GPU-less) login node: the tasks, the
+    # report job and later reruns then compare the same train.precision.
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and task_profile.gpus_per_node > 0)
+    cfg = resolve_precision(replace(cfg, out_dir=str(out)), cuda=cuda)
     folder = out / "slurm"
     grid = [(s, seed, f) for s in cfg.settings for seed in cfg.seeds for f in cfg.fold_numbers]
     todo = [run for run in grid if not run_path(out, *run).is_file()]
-    # A run is one process: a multi-node or one-task-per-GPU profile would start copies of it.
-    task_params = sbatch_parameters(replace(profile, nodes=1, tasks_per_node=1), "memobert-finetune")
-    # The report needs no GPU and little time; it starts when every array task ended, however.
+    task_params = sbatch_parameters(task_profile, "memobert-finetune")
+    # The report needs no GPU, little memory and little time; it starts when every array task ended, however.
     report_profile = replace(profile, nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1, exclusive=False,
-                             time_min=30, signal_delay_s=60)
+                             mem=None, time_min=30, signal_delay_s=60)
     report_params = sbatch_parameters(report_profile, "memobert-finetune-report")
     scripts = {"report": render_sbatch(folder, {**report_params, "dependency": "afterany:ARRAY_JOB_ID"})}
     if todo:
         scripts = {"array": render_sbatch(folder, task_params, array_size=len(todo)), **scripts}
     submitted = Submitted(folder, scripts)
     if dry_run:
-        submitted.note = f"{len(todo)} of {len(grid)} runs to do"
+        submitted.note = f"{len(todo)} of {len(grid)} runs to do, train.precision {cfg.train.precision}"
         return submitted
     # Fail now, not after the array, when out_dir holds runs of another config (a private function of
     # finetune.run: the check its own driver does).

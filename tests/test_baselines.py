@@ -189,6 +189,9 @@ def test_baselines_beat_chance_through_the_driver(tmp_path: Path, labeled_shards
     md = results.read_text()
     for setting in BASELINE_SETTINGS:  # one row in the main table, one in the missing-modality table
         assert md.count(f"| {SETTING_NAMES[setting]} | ") == 2
+    # The language input's source, the bundled MiniLM by default, under the main table.
+    assert ("MFN takes its word embeddings from MiniLM-L6-H384-uncased (layers 6, hidden 384). "
+            "M3ER takes its word embeddings from MiniLM-L6-H384-uncased (layers 6, hidden 384).") in md
     assert len((out / "missing_modalities.csv").read_text().splitlines()) == 1 + 7 * len(BASELINE_SETTINGS)
 
     assert json.loads((out / "config.json").read_text())["mfn"]["lr"] == 3e-3  # the sections are saved

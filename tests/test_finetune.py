@@ -24,8 +24,8 @@ from finetune.data import MODALITY_SUBSETS, batches, feature_dims, keep_modaliti
 from finetune.prompt import Template, insert_template, label_word_scores
 from finetune.protocols import CLASSES, folds_for, iemocap_folds, msp_improv_folds
 from finetune.report import SETTING_NAMES, write_report
-from finetune.run import run_finetune, run_path
-from finetune.settings import build_model
+from finetune.run import check_and_save_config, check_ready, resolve_precision, run_finetune, run_path
+from finetune.settings import build_model, text_model
 from helpers import TINY_DIMS
 from memobert.config import ConfigError, load_config
 from memobert.schema import Utterance
@@ -229,9 +229,13 @@ def test_every_setting_beats_chance_and_a_rerun_skips(
         assert set(record["missing_modalities"]) == set(MODALITY_SUBSETS) - {"tav"}
         assert np.asarray(record["confusion"]).sum() == 16
         assert (out / "confusion" / f"{setting}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bert = json.loads(run_path(out, "bert_direct", 42, 1).read_text())["text_model"]
+    assert bert == {"folder": str(tiny_bert), "name": "tiny_bert", "layers": 1, "hidden": 32}
+    assert json.loads(run_path(out, "pretrain_finetune", 42, 1).read_text())["text_model"] is None
 
     md = (out / "results.md").read_text()
     assert md in result.stdout
+    assert "BERT+Direct starts from tiny_bert (layers 1, hidden 32) (the paper's: bert-base-uncased, layers 12, hidden 768)." in md
     assert "| Setting | WA | UAR | WF1 |" in md and "| Setting | T | A | V | T+A | T+V | A+V | T+A+V |" in md
     for setting in PAPER_SETTINGS:
         assert md.count(f"| {SETTING_NAMES[setting]} | ") == 2  # one row in each table
@@ -267,8 +271,41 @@ def test_report_aggregates_folds_then_seeds(tmp_path: Path) -> None:
     md = write_report(tmp_path, cfg, records).read_text()
     assert "| Direct | 50.00 ± 0.00 | 65.00 ± 5.00 | 40.00 ± 0.00 |" in md
     assert "folds 1, 2 of 10 (partial); seeds 42, 1234" in md
+    assert "starts from" not in md and "word embeddings from" not in md  # direct starts from no text model
     assert (tmp_path / "results.csv").read_text().splitlines()[1] == (
         "direct,T+A+V,2,0.500000,0.000000,0.650000,0.050000,0.400000,0.000000")
+
+    # The default bert_direct and MFN start from the bundled MiniLM, not the paper's bert-base-uncased: said under the table.
+    cfg = load_config(FinetuneConfig, overrides=["settings=bert_direct,mfn", "seeds=[42, 1234]", "folds=[1, 2]"])
+    assert text_model("direct", cfg) is None
+    default = text_model("bert_direct", cfg)
+    assert default == {"folder": default_vocab_folder(), "name": "MiniLM-L6-H384-uncased", "layers": 6, "hidden": 384}
+    assert text_model("mfn", cfg) == default
+    models = [{**r, "setting": s, "text_model": default} for s in ("bert_direct", "mfn") for r in records]
+    md = write_report(tmp_path, cfg, models).read_text()
+    note = md.index("BERT+Direct starts from MiniLM-L6-H384-uncased (layers 6, hidden 384) (the paper's: bert-base-uncased, "
+                    "layers 12, hidden 768). MFN takes its word embeddings from MiniLM-L6-H384-uncased (layers 6, hidden 384).")
+    assert md.index("| MFN |") < note < md.index("## Missing modalities")  # under the main table
+
+
+def test_a_device_change_that_changes_auto_precision_is_a_config_change(
+    tmp_path: Path, labeled_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "ft"
+    common = [f"data.shards={labeled_shards}", "settings=direct", f"out_dir={out}"]
+    # out_dir holds runs made on the CPU with precision auto, i.e. in fp32 (as run_finetune saves their config) ...
+    cpu = load_config(FinetuneConfig, overrides=[*common, "train.device=cpu"])
+    check_and_save_config(out, resolve_precision(cpu, cuda=False))
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == "fp32"
+    # ... a rerun with device auto where there is no GPU computes the same ...
+    auto = load_config(FinetuneConfig, overrides=[*common, "train.device=auto"])
+    check_and_save_config(out, resolve_precision(auto, cuda=False))
+    # ... but on a GPU auto means bf16: not the runs in out_dir, refused before any work.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="'train.precision': .* made with 'fp32', now 'bf16'"):
+        run_finetune(auto)
+    assert resolve_precision(load_config(FinetuneConfig, overrides=["train.precision=fp32"]), cuda=True).train.precision == "fp32"
+    assert not (out / "runs").exists()
 
 
 def test_config_defaults_and_preflight(tmp_path: Path, labeled_shards: Path) -> None:
@@ -282,10 +319,24 @@ def test_config_defaults_and_preflight(tmp_path: Path, labeled_shards: Path) -> 
         load_config(FinetuneConfig, overrides=["folds=[11]"])
     with pytest.raises(ConfigError, match="'prompt.template'"):
         load_config(FinetuneConfig, overrides=["prompt.template=i am happy"])
+    # A max norm of 0 would zero every gradient.
+    with pytest.raises(ConfigError, match="'train.grad_clip': must be positive"):
+        load_config(FinetuneConfig, overrides=["train.grad_clip=0"])
+    with pytest.raises(ConfigError, match="'train.weight_decay': must be >= 0"):
+        load_config(FinetuneConfig, overrides=["train.weight_decay=-0.01"])
+    assert load_config(FinetuneConfig, overrides=["train.weight_decay=0"]).train.weight_decay == 0
     out = tmp_path / "never"
     with pytest.raises(ConfigError, match="'checkpoint': required by pretrain_finetune, pretrain_prompt"):
         run_finetune(load_config(FinetuneConfig, overrides=[f"data.shards={labeled_shards}", f"out_dir={out}"]))
     with pytest.raises(ConfigError, match="'data.shards'"):
         run_finetune(load_config(FinetuneConfig, overrides=[f"data.shards={tmp_path}", "settings=direct", f"out_dir={out}"]))
+    # The prompt's words and template are checked against the vocabulary before the grid, not when the first
+    # pretrain_prompt run builds its model ("melancholia" is 4 WordPieces).
+    prompt = [f"data.shards={labeled_shards}", "settings=direct,pretrain_prompt", f"checkpoint={tmp_path}", f"out_dir={out}"]
+    with pytest.raises(ConfigError, match="'prompt.label_words': label word 'melancholia' is not one WordPiece token"):
+        run_finetune(load_config(FinetuneConfig, overrides=[*prompt, "prompt.label_words=[anger, happy, neutral, melancholia]"]))
+    with pytest.raises(ConfigError, match=r"'prompt.template': 'i am \[MASK\] \.' is 4 tokens, more than data.max_text_len \(3\)"):
+        run_finetune(load_config(FinetuneConfig, overrides=[*prompt, "data.max_text_len=3"]))
+    check_ready(load_config(FinetuneConfig, overrides=[*prompt[:1], "settings=direct", "prompt.label_words=[a, b, c, melancholia]"]))
     assert not out.exists()  # failed before any work
     assert len(folds_for("msp_improv")) == 12

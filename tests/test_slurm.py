@@ -106,7 +106,26 @@ def test_dry_run_prints_the_requested_resources(tmp_path: Path, capsys: pytest.C
           "--out", str(tmp_path / "ft"), "--array-parallelism", "3", "--dry-run"])
     array = capsys.readouterr().out
     assert "#SBATCH --array=0-3%3\n" in array and "#SBATCH --dependency=afterany:ARRAY_JOB_ID" in array
-    assert "4 of 4 runs to do" in array
+    assert "4 of 4 runs to do, train.precision fp32" in array  # auto, resolved for the profile's GPU-less nodes
+
+
+def test_finetune_tasks_ask_for_one_gpu_not_the_profiles_whole_node(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from memobert.cli import main
+
+    labeled = write_tiny_shards(tmp_path / "labeled", 8, 1, speakers=SPEAKERS)
+    submit = ["submit", "finetune", "--profile", str(REPO / "configs/slurm/generic_gpu.yaml"), "--data", str(labeled),
+              "--settings", "direct", "--seeds", "1", "--folds", "1", "--out", str(tmp_path / "ft"), "--dry-run"]
+    for extra, task_mem in (([], None), (["--mem", "64G"], "64G")):
+        main([*submit, *extra])
+        printed = capsys.readouterr().out
+        array, report = printed.split("# ---- resolved")[0].split("# ---- sbatch script: report")
+        # generic_gpu is whole 8-GPU nodes (--exclusive, --mem=0) for pretraining; a run is one process on one GPU.
+        assert "#SBATCH --gpus-per-node=1\n" in array and "--exclusive" not in array
+        assert [line for line in array.splitlines() if line.startswith("#SBATCH --mem")] == (
+            [f"#SBATCH --mem={task_mem}"] if task_mem else [])  # "0" (the whole node) becomes the cluster's default
+        assert "--gpus-per-node" not in report and "--mem" not in report and "--exclusive" not in report
+        assert "#SBATCH --cpus-per-task=1\n" in report
+        assert "1 of 1 runs to do, train.precision bf16" in printed  # auto on the tasks' GPU, not this GPU-less host
 
 
 def test_pretrain_two_tasks_trains_logs_and_checkpoints(slurm_cluster, shards: Path, tmp_path: Path) -> None:
