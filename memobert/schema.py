@@ -70,11 +70,14 @@ def encode(utt: Utterance) -> dict[str, Any]:
 def decode(sample: dict[str, Any]) -> Utterance:
     """Inverse of `encode` on the raw bytes WebDataset yields (no `.decode()` stage needed)."""
     key = sample["__key__"]
+    where = f"sample {key} ({sample.get('__url__', '?')})"
     try:
         arrays = {name: load_npy(sample[f"{name}.npy"]) for name in ARRAYS}
         meta = json.loads(sample["json"])
     except KeyError as err:
-        raise ValueError(f"sample {key} ({sample.get('__url__', '?')}): missing member {err}") from err
+        raise ValueError(f"{where}: missing member {err}") from err
+    except ValueError as err:  # damaged .npy or .json bytes (json.JSONDecodeError is a ValueError)
+        raise ValueError(f"{where}: {err}") from err
     return Utterance(key=key, meta=meta, **arrays)
 
 
@@ -146,13 +149,13 @@ def tar_samples(path: str) -> Iterator[dict[str, Any]]:
     with open(path, "rb", buffering=1 << 20) as stream:  # big reads: fewer syscalls, kinder to network file systems
         while (header := stream.read(_BLOCK)) != _END:
             if len(header) < _BLOCK:
-                raise ValueError(f"ends at byte {offset + len(header)} without an end-of-archive block: truncated?")
+                raise ValueError(f"{path}: ends at byte {offset + len(header)} without an end-of-archive block: truncated?")
             if header[257:262] != b"ustar":
-                raise ValueError(f"no tar header at byte {offset}")
+                raise ValueError(f"{path}: no tar header at byte {offset}")
             size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
             data = stream.read(size)
             if len(data) < size:
-                raise ValueError(f"member at byte {offset} is truncated: {len(data)} of {size} bytes")
+                raise ValueError(f"{path}: member at byte {offset} is truncated: {len(data)} of {size} bytes")
             stream.read(-size % _BLOCK)
             offset += _BLOCK + size + -size % _BLOCK
             kind = header[156:157]
@@ -171,7 +174,7 @@ def tar_samples(path: str) -> Iterator[dict[str, Any]]:
             sample.setdefault("__key__", key)
             sample.setdefault("__url__", path)
             if suffix in sample:
-                raise ValueError(f"sample {key!r} has two {suffix!r} members")
+                raise ValueError(f"{path}: sample {key!r} has two {suffix!r} members")
             sample[suffix] = data
     if sample:
         yield sample

@@ -19,6 +19,10 @@ class CorpusError(ValueError):
     """A labeled corpus is missing, of an unknown layout, or has a malformed file (named in the message)."""
 
 
+class NotACorpusError(CorpusError):
+    """The path has no labeled-corpus layout at all (it may be a folder of videos); other errors mean a broken corpus."""
+
+
 Loaded = tuple[list[Segment], Counter[str]]
 
 IEMOCAP_LABELS = {"ang": "anger", "hap": "happiness", "exc": "happiness", "neu": "neutral", "sad": "sadness"}
@@ -26,7 +30,9 @@ MSP_IMPROV_LABELS = {"A": "anger", "H": "happiness", "N": "neutral", "S": "sadne
 # Label spellings a CSV manifest may use besides the class names themselves.
 CSV_ALIASES = {"ang": "anger", "angry": "anger", "hap": "happiness", "happy": "happiness",
                "neu": "neutral", "sad": "sadness"}
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")  # what soundfile (libsndfile >= 1.1) decodes
+# Audio-only containers libsndfile cannot decode: refused at load, naming the row, instead of failing every unit.
+UNREADABLE_AUDIO_SUFFIXES = (".m4a", ".aac", ".wma")
 MSP_EVALUATION = ("Evaluation.txt", "Evalution.txt")  # the release spells it the second way
 
 _NUMBER = r"\d+(?:\.\d*)?"
@@ -196,6 +202,9 @@ def _csv_segment(csv_path: Path, row: dict[str, str | None], index: int) -> Segm
     media = csv_path.parent / value["path"]  # an absolute path stays absolute
     if not value["path"] or not media.is_file():
         raise ValueError(f"media file {str(media)!r} not found")
+    if media.suffix.lower() in UNREADABLE_AUDIO_SUFFIXES:
+        raise ValueError(f"media file {str(media)!r}: soundfile cannot read {media.suffix} audio; convert it to one of "
+                         f"{', '.join(AUDIO_SUFFIXES)}")
     start, end = float(value["start"]), float(value["end"])
     if not 0 <= start < end:
         raise ValueError(f"need 0 <= start < end, got start={start}, end={end}")
@@ -219,8 +228,8 @@ def load_labeled(path: str | Path, merge_excited: bool = True, msp_transcripts: 
         return load_iemocap(path, merge_excited)
     if any((path / name).is_file() for name in MSP_EVALUATION):
         return load_msp_improv(path, msp_transcripts)
-    raise CorpusError(f"{path}: not a labeled corpus: expected an IEMOCAP release (Session1/dialog/), "
-                      f"an MSP-IMPROV release ({' or '.join(MSP_EVALUATION)}) or a .csv manifest")
+    raise NotACorpusError(f"{path}: not a labeled corpus: expected an IEMOCAP release (Session1/dialog/), "
+                          f"an MSP-IMPROV release ({' or '.join(MSP_EVALUATION)}) or a .csv manifest")
 
 
 def _first_failed(*checks: tuple[bool, str]) -> str | None:

@@ -58,7 +58,7 @@ class FaceConfig:
     def validate(self) -> None:
         check(0 <= self.min_confidence < 1, "min_confidence", "must be in [0, 1)")
         check(self.fps > 0, "fps", "must be positive")
-        check(self.crop_size >= 8, "crop_size", "must be >= 8")
+        check(self.crop_size == 64, "crop_size", "must be 64: DenseNet-FER+ (preprocessing/fer.py) takes 64x64 crops")
         check(self.max_gap_frames >= 0, "max_gap_frames", "must be >= 0")
         check(0 < self.min_iou <= 1, "min_iou", "must be in (0, 1]")
         check(0 <= self.min_track_fraction <= 1, "min_track_fraction", "must be in [0, 1]")
@@ -115,7 +115,8 @@ class RayConfig:
     audio_actors: int = 1
     visual_actors: int = 1
     # On CPU clusters the unit tasks block while the actors compute (Ray frees a blocked task's
-    # CPU), so actors reserve none; on GPU clusters each actor takes one GPU and one CPU.
+    # CPU), so actors reserve none; on GPU clusters each actor takes one CPU and one GPU, or an
+    # equal share of one when there are fewer GPUs than actors (pipeline.encoder_actor_options).
     cpus_per_actor: float = 0.0
 
     def validate(self) -> None:

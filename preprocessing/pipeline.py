@@ -11,6 +11,7 @@ is done and a killed run ends, after a rerun, with exactly the samples of an uni
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ import numpy as np
 
 from memobert.config import to_dict
 from memobert.schema import Manifest, Utterance
-from preprocessing.config import PreprocessConfig
+from preprocessing.config import PreprocessConfig, RayConfig
 from preprocessing.segments import Segment, sanitize_key, segments_from_video
 from preprocessing.shards import ShardOutput
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 SAMPLE_RATE = 16_000
 CHUNK = 32  # utterances per encoder call: large enough to batch, small enough to bound memory
+ACTOR_RESTARTS = 3  # an encoder actor killed by its node (OOM, preemption) is rebuilt and its calls rerun
 
 
 @dataclass
@@ -44,28 +46,41 @@ class Unit:
 
 def discover_units(source: Path, cfg: PreprocessConfig) -> tuple[list[Unit], Counter]:
     """A folder of videos (with subtitles) or a labeled corpus (IEMOCAP, MSP-IMPROV, CSV manifest)."""
-    from preprocessing.adapters import CorpusError, load_labeled
+    from preprocessing.adapters import NotACorpusError, load_labeled
 
     source = Path(source)
     try:
         segments, dropped = load_labeled(source)
-    except CorpusError:
+    except NotACorpusError:  # only then: an error inside a recognised corpus must not turn it into plain videos
         if not source.is_dir():
             raise
         videos = sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
         if not videos:
             raise FileNotFoundError(f"{source}: no videos ({', '.join(VIDEO_SUFFIXES)}) and no labeled corpus layout")
         units = [Unit(sanitize_key(str(v.relative_to(source).with_suffix(""))), str(v), None) for v in videos]
+        _check_unique(units, [str(v) for v in videos], source)
         return units, Counter()
     by_source: dict[str, list[Segment]] = {}
     for seg in segments:
         by_source.setdefault(seg.video or seg.audio_path or seg.key, []).append(seg)
     root = source if source.is_dir() else source.parent
-    units = []
-    for media, segs in sorted(by_source.items()):
-        rel = Path(media).relative_to(root) if Path(media).is_relative_to(root) else Path(Path(media).name)
+    units, media = [], []
+    for path, segs in sorted(by_source.items()):
+        rel = Path(path).relative_to(root) if Path(path).is_relative_to(root) else Path(Path(path).name)
         units.append(Unit(sanitize_key(str(rel.with_suffix(""))), segs[0].video, segs))
+        media.append(path)
+    _check_unique(units, media, source)
     return units, dropped
+
+
+def _check_unique(units: list[Unit], media: list[str], source: Path) -> None:
+    """Fail before any work when two media files get one unit name: the second's part file would replace the first's."""
+    seen: dict[str, str] = {}
+    for unit, path in zip(units, media):
+        if unit.name in seen:
+            raise ValueError(f"{source}: {seen[unit.name]} and {path} both get the unit name {unit.name!r} (their path "
+                             "without suffix, every character but A-Z a-z 0-9 _ - made '_'): rename one of them")
+        seen[unit.name] = path
 
 
 def process_unit(unit: Unit, root: str, cfg: PreprocessConfig, audio_actor: Any, visual_actor: Any) -> tuple[list[Utterance], dict[str, int]]:
@@ -237,8 +252,7 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
     if own_cluster:
         ray.init(address=ray_address, num_cpus=None if ray_address else cfg.ray.num_cpus,
                  include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    actor_options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cfg.ray.cpus_per_actor}
+    actor_options = encoder_actor_options(ray.cluster_resources().get("GPU", 0), cfg.ray)
     audio_pool = [ray.remote(AudioEncoderActor).options(**actor_options).remote(cfg) for _ in range(cfg.ray.audio_actors)]
     visual_pool = [ray.remote(VisualEncoderActor).options(**actor_options).remote(cfg) for _ in range(cfg.ray.visual_actors)]
     task = ray.remote(process_unit).options(num_cpus=1, max_retries=0)
@@ -249,6 +263,7 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
     window = max(1, int(ray.cluster_resources().get("CPU", 1)) * 2)
     progress = tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", desc="preprocess", dynamic_ncols=True)
     written, start = 0, time.perf_counter()
+    retry_later: list[str] = []  # units hit by a Ray failure: left unrecorded, so a rerun processes them
     while queue or pending:
         while queue and len(pending) < window:
             unit = queue.pop(0)
@@ -259,16 +274,26 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
         unit = pending.pop(ref)
         try:
             utterances, dropped = ray.get(ref)
-        except Exception as err:  # one bad unit is recorded and skipped; the run goes on
+        except Exception as err:  # one bad unit is recorded and skipped (a Ray failure is not the unit's); the run goes on
             reason = _reason(err, unit)
-            output.fail_unit(unit.name, reason)
-            log.warning("failed %s: %s", unit.name, reason)
+            if is_ray_system_error(err):
+                retry_later.append(unit.name)
+                log.error("Ray failed on %s, not recorded (a rerun retries it): %s", unit.name, reason)
+            else:
+                output.fail_unit(unit.name, reason)
+                log.warning("failed %s: %s", unit.name, reason)
         else:
             output.write_unit(unit.name, utterances, dropped)
             written += len(utterances)
         progress.update(1)
         progress.set_postfix(utt_per_s=f"{written / (time.perf_counter() - start):.2f}", refresh=False)
     progress.close()
+    if retry_later:  # no manifest: the output is incomplete until a rerun has processed these units
+        if own_cluster:
+            ray.shutdown()
+        shown = ", ".join(retry_later[:10]) + (" ..." if len(retry_later) > 10 else "")
+        raise RuntimeError(f"{len(retry_later)} unit(s) hit a Ray failure (dead actor, worker or node; lost object) and "
+                           f"were not recorded: {shown}. Rerun the same command to process them; finished units are kept.")
 
     audio_info, visual_info = ray.get([audio_pool[0].describe.remote(), visual_pool[0].describe.remote()])
     manifest = output.finalize(
@@ -283,6 +308,30 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
         ray.shutdown()
     log.info("%d samples in %d shards under %s", manifest.num_samples, len(manifest.shards), out)
     return manifest
+
+
+def encoder_actor_options(gpus: float, cfg: RayConfig) -> dict[str, Any]:
+    """Ray options of each encoder actor: all actors fit at once, sharing a GPU when there are fewer GPUs than actors."""
+    restarts = {"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}  # encode calls are pure: safe to rerun
+    if gpus < 1:
+        return {"num_cpus": cfg.cpus_per_actor, **restarts}
+    # Ray puts a fractional actor on a single GPU, so give each GPU a whole number of equal shares (an even
+    # split like 2 GPUs / 3 actors = 0.67 would fit one actor per GPU and leave the third waiting forever).
+    per_gpu = math.ceil((cfg.audio_actors + cfg.visual_actors) / int(gpus))
+    return {"num_gpus": math.floor(10_000 / per_gpu) / 10_000, "num_cpus": 1, **restarts}  # Ray's 1e-4 resource grain
+
+
+def is_ray_system_error(err: BaseException) -> bool:
+    """Whether Ray itself failed (dead actor, worker or node, lost object, full store), not the unit's data."""
+    import ray.exceptions as rex
+
+    system = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError, rex.ObjectLostError,
+              rex.ObjectStoreFullError, rex.OutOfDiskError, rex.OutOfMemoryError, rex.RaySystemError)
+    if isinstance(err, system):
+        return True
+    # A task that called a dead actor fails with the actor's error as its cause, possibly nested.
+    cause = getattr(err, "cause", None) if isinstance(err, rex.RayTaskError) else None
+    return cause is not None and cause is not err and is_ray_system_error(cause)
 
 
 def _text_info(cfg: PreprocessConfig) -> dict[str, Any]:

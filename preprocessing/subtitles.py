@@ -32,7 +32,8 @@ _SRT_TIMING = re.compile(rf"^{_SRT_TIME}\s*-->\s*{_SRT_TIME}(?:\s.*)?$")  # trai
 _VTT_TIME = r"(?:(\d+):)?(\d{2}):(\d{2})\.(\d{3})"
 _VTT_TIMING = re.compile(rf"^{_VTT_TIME}[ \t]+-->[ \t]+{_VTT_TIME}(?:[ \t].*)?$")  # cue settings follow
 _ASS_TIME = re.compile(r"^(\d+):(\d{1,2}):(\d{1,2})(?:\.(\d{1,3}))?$")
-_TAG = re.compile(r"<[^>]*>")  # <i>, <font color=..>, WebVTT <v Name>, <c.cls>, <00:00:01.000>
+# <i>, </i>, <font color=..>, WebVTT <v Name>, <c.cls>, <00:00:01.000>; not "<3" or "2 > 1", which are text.
+_TAG = re.compile(r"</?[A-Za-z][^<>]*>|<\d[\d:.]*>")
 _ASS_OVERRIDE = re.compile(r"\{[^}]*\}")
 _SPEAKER_DASH = re.compile(r"^[-\u2010-\u2015]+\s*")  # "- Hi." / "-Hi." / en and em dashes
 _INVISIBLE = dict.fromkeys(map(ord, "\u200e\u200f\ufeff"))  # WebVTT &lrm; / &rlm;, stray BOMs
@@ -100,7 +101,12 @@ def _cue(source: str, line: int, start: float, end: float, lines: list[str]) -> 
 def parse_srt(text: str, source: str = "<srt>") -> list[Cue]:
     """SubRip cues; `source` names the file in errors."""
     cues: list[Cue] = []
-    for first, lines in _blocks(text):
+    blocks = _blocks(text)
+    for b, (first, lines) in enumerate(blocks):
+        # A cue number alone, its timing line after a blank line: it is that cue's id, not the previous cue's text.
+        following = blocks[b + 1][1][0].strip() if b + 1 < len(blocks) else ""
+        if len(lines) == 1 and lines[0].strip().isdigit() and _SRT_TIMING.match(following):
+            continue
         timings = [i for i, line in enumerate(lines) if _SRT_TIMING.match(line.strip())]
         # A cue starts at its number, or at its timing line; files that skip the blank line between
         # cues put the next number and timing right after the previous text.

@@ -94,14 +94,16 @@ def read_shard(path: str) -> Iterator[Utterance]:
         try:
             raw = next(samples, None)
         except (OSError, ValueError) as err:  # the tar itself is damaged or unreadable
-            raise ShardError(f"{path}: corrupt tar after sample {key!r}: {err}") from err
+            detail = str(err).removeprefix(f"{path}: ")  # tar_samples names the file too
+            raise ShardError(f"{path}: corrupt tar after sample {key!r}: {detail}") from err
         if raw is None:
             return
         key = raw["__key__"]
         try:
             utt = decode(raw)
         except Exception as err:
-            raise ShardError(f"{path}: sample {key!r} does not decode: {err}") from err
+            detail = str(err).removeprefix(f"sample {key} ({path}): ")  # decode names the sample and file too
+            raise ShardError(f"{path}: sample {key!r} does not decode: {detail}") from err
         yield utt
 
 

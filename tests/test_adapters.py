@@ -213,11 +213,13 @@ def test_csv_manifest(tmp_path: Path) -> None:
         ("media/a.mp4,one,2,x,ang,s,1", "could not convert"),
         ("media/gone.mp4,1,2,x,ang,s,1", "not found"),
         ("media/a.mp4,1,2,x,ang,s,first", "invalid literal"),
+        ("media/a.m4a,1,2,x,ang,s,1", "a.m4a'.*soundfile cannot read .m4a audio"),
     ],
 )
 def test_csv_bad_row_names_file_and_line(tmp_path: Path, row: str, message: str) -> None:
     (tmp_path / "media").mkdir()
     (tmp_path / "media" / "a.mp4").touch()
+    (tmp_path / "media" / "a.m4a").touch()
     path = tmp_path / "m.csv"
     path.write_text(f"path,start,end,text,label,speaker,session\nmedia/a.mp4,0,1,ok,neu,s,1\n{row}\n")
     with pytest.raises(CorpusError, match=rf"m\.csv:3: .*{message}"):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from preprocessing.config import VisualConfig
+from memobert.config import ConfigError, load_config
+from preprocessing.config import PreprocessConfig, VisualConfig
 from preprocessing.fer import (
+    CROP,
     FERPLUS_LABELS,
     FLAVORS,
     VOTE_COLUMNS,
@@ -151,3 +153,9 @@ def test_random_encoder_is_seeded_and_checks_input() -> None:
     assert empty_feats.shape == (0, dim) and empty_probs.shape == (0, 8)
     with pytest.raises(ValueError, match="64, 64"):
         a.features_and_probs(np.zeros((2, 48, 48), np.uint8))
+
+
+def test_face_crop_size_must_be_the_fer_input_size() -> None:
+    assert load_config(PreprocessConfig, overrides=[f"face.crop_size={CROP}"]).face.crop_size == CROP
+    with pytest.raises(ConfigError, match="'face.crop_size'.*must be 64"):  # before any work, not in the encoder actor
+        load_config(PreprocessConfig, overrides=["face.crop_size=48"])

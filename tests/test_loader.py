@@ -205,8 +205,9 @@ def test_a_damaged_tar_names_the_file(shards: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.tar"
     data = (shards / "shard-000000.tar").read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ShardError, match="bad.tar: corrupt tar"):
+    with pytest.raises(ShardError, match="bad.tar: corrupt tar") as raised:
         list(_loader(str(bad), infinite=False))
+    assert str(raised.value).count("bad.tar") == 1
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -217,8 +218,9 @@ def test_an_undecodable_sample_names_the_file_and_key(shards: Path, tmp_path: Pa
         sink.write(encode(good))
         sink.write({**encode(Utterance(**{**vars(good), "key": "broken"})), "visual.npy": b"not an array"})
     shutil.copy(shards / "shard-000001.tar", tmp_path / "fine.tar")
-    with pytest.raises(ShardError, match="bad.tar: sample 'broken' does not decode"):
+    with pytest.raises(ShardError, match="bad.tar: sample 'broken' does not decode") as raised:
         list(_loader([str(bad), str(tmp_path / "fine.tar")], _cfg(num_workers=num_workers), infinite=False))
+    assert str(raised.value).count("bad.tar") == 1
 
 
 def test_no_shard_filling_a_batch_fails_instead_of_spinning(shards: Path) -> None:

@@ -1,7 +1,8 @@
 """`memobert preprocess` end to end: a real local Ray, real MTCNN and decoders, tiny random encoders.
 
 Each run is a subprocess, as users run it, on a few videos of the synthetic corpus (every video
-costs seconds of face detection on 2 cores).
+costs seconds of face detection on 2 cores). The pipeline's pure parts (unit discovery, actor
+resources, failure classification) are checked directly, without Ray or media.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +23,11 @@ import numpy as np
 import pytest
 
 from memobert.schema import Manifest
-from preprocessing.adapters import load_iemocap
+from preprocessing.adapters import CorpusError, load_iemocap
+from preprocessing.config import PreprocessConfig, RayConfig
+from preprocessing.pipeline import discover_units, encoder_actor_options, is_ray_system_error
 from preprocessing.shards import read_utterances
+from preprocessing.subtitles import SubtitleError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(REPO / "configs/preprocess/tiny_cpu.yaml")]
@@ -148,3 +153,66 @@ def test_labeled_iemocap_session(synth_corpus: Path, tmp_path: Path) -> None:
         meta = samples[seg.key].meta
         assert (meta["label"], meta["speaker"], meta["session"], meta["text"]) == (seg.label, seg.speaker, 1, seg.text)
     assert sum(len(u.visual) > 0 for u in samples.values()) >= 0.8 * len(samples)  # both actors on screen
+
+
+def _touch(*paths: Path) -> None:
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+
+@pytest.mark.parametrize(("first", "second"), [("a/b.mp4", "a_b.mp4"), ("a.mp4", "a.mkv"), ("羅生門.mp4", "七人侍.mkv")])
+def test_videos_with_one_unit_name_fail_before_any_work(tmp_path: Path, first: str, second: str) -> None:
+    _touch(tmp_path / first, tmp_path / second)
+    with pytest.raises(ValueError, match="both get the unit name") as info:
+        discover_units(tmp_path, PreprocessConfig())
+    assert str(tmp_path / first) in str(info.value) and str(tmp_path / second) in str(info.value)
+
+
+def test_unit_names_of_distinct_videos_stay_as_before(tmp_path: Path) -> None:
+    _touch(tmp_path / "a/b.mp4", tmp_path / "c.d.mkv", tmp_path / "羅生門.mp4")
+    units, _ = discover_units(tmp_path, PreprocessConfig())
+    assert [u.name for u in units] == ["a_b", "c_d", "___"]  # what earlier runs recorded: they still resume
+
+
+def test_csv_rows_with_one_unit_name_fail_naming_the_csv(tmp_path: Path) -> None:
+    csv_path = tmp_path / "lists" / "set.csv"
+    _touch(tmp_path / "x/u1.wav", tmp_path / "y/u1.wav", csv_path)
+    csv_path.write_text(f"path,start,end,label\n{tmp_path}/x/u1.wav,0,1,ang\n{tmp_path}/y/u1.wav,0,1,sad\n")
+    message = f"{csv_path}: {tmp_path}/x/u1.wav and {tmp_path}/y/u1.wav both get the unit name 'u1'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        discover_units(csv_path, PreprocessConfig())
+
+
+def test_a_broken_labeled_corpus_is_not_read_as_plain_videos(tmp_path: Path) -> None:
+    name = "MSP-IMPROV-S01A-F01-S-FM01"
+    (tmp_path / "Evaluation.txt").write_text(f"{name.replace('MSP', 'UTD')}.avi; A; A:3.0; V:2.5; D:3.0; N:5.0;\n")
+    _touch(tmp_path / "Video" / f"{name}.avi")  # no transcripts: the loader's error must reach the user
+    with pytest.raises(CorpusError, match="no transcripts"):
+        discover_units(tmp_path, PreprocessConfig())
+
+
+@pytest.mark.parametrize(("gpus", "audio", "visual", "share"),
+                         [(1, 1, 1, 0.5), (8, 1, 1, 1.0), (1, 2, 1, 0.3333), (2, 2, 1, 0.5), (4, 4, 4, 0.5)])
+def test_encoder_actors_share_the_gpus_so_all_of_them_start(gpus: int, audio: int, visual: int, share: float) -> None:
+    options = encoder_actor_options(gpus, RayConfig(audio_actors=audio, visual_actors=visual))
+    assert options["num_gpus"] == share and options["num_cpus"] == 1
+    assert gpus * int(1 / share) >= audio + visual  # Ray packs floor(1 / share) actors on each GPU
+    assert options["max_restarts"] > 0 and options["max_task_retries"] > 0
+    cpu = encoder_actor_options(0, RayConfig(cpus_per_actor=0.5))
+    assert "num_gpus" not in cpu and cpu["num_cpus"] == 0.5 and cpu["max_restarts"] > 0
+
+
+def test_ray_failures_are_not_recorded_as_the_units_fault() -> None:
+    import ray.exceptions as rex
+
+    def raised_in_task(cause: BaseException) -> BaseException:  # what ray.get raises for a failed task
+        return rex.RayTaskError("process_unit", "Traceback ...", cause).as_instanceof_cause()
+
+    dead_actor = rex.ActorDiedError()
+    for err in (dead_actor, rex.WorkerCrashedError(), rex.NodeDiedError("node gone"), rex.ObjectLostError("ab" * 14, None, ""),
+                raised_in_task(dead_actor), raised_in_task(raised_in_task(dead_actor))):
+        assert is_ray_system_error(err), err
+    for err in (ValueError("x.mp4: no decodable audio stream"), raised_in_task(ValueError("x.mp4: no decodable audio")),
+                raised_in_task(raised_in_task(SubtitleError("x.srt:3: bad timing")))):
+        assert not is_ray_system_error(err), err

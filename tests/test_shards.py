@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from memobert.schema import Manifest, Utterance, decode, encode, load_npy
+from memobert.schema import Manifest, Utterance, decode, encode, load_npy, tar_samples
 from preprocessing.shards import ShardOutput, read_utterances
 
 
@@ -73,3 +75,19 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path: Path) -> None:
     assert keys == sorted(keys) and len(set(keys)) == 12  # no duplicates, no unit lost
     failures = (tmp_path / "cut" / "failures.jsonl").read_text()
     assert len(failures.splitlines()) == 1 and "cannot open broken.mp4" in failures  # recorded once, not retried
+
+
+def test_damaged_tars_and_samples_name_the_file(tmp_path: Path) -> None:
+    part = _write_run(tmp_path / "run", ["a"]).parts / "a.tar"
+    data = part.read_bytes()
+    members_end = -(-len(data.rstrip(b"\0")) // 512) * 512  # the end-of-archive zero blocks start here
+    for name, damaged in (("cut.tar", data[:1000]), ("garbage.tar", b"x" * 512), ("no_end.tar", data[:members_end])):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: ")):
+            list(tar_samples(str(tmp_path / name)))
+    sample = next(tar_samples(str(part)))
+    where = re.escape(f"sample a_0000 ({part}): ")
+    with pytest.raises(ValueError, match=where + "Expecting"):
+        decode({**sample, "json": b"{not json"})
+    with pytest.raises(ValueError, match=where + "not .npy data"):
+        decode({**sample, "audio.npy": b"not an array"})

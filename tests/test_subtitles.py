@@ -12,7 +12,7 @@ import pytest
 
 from preprocessing.config import SegmentConfig
 from preprocessing.segments import find_sidecar, segments_from_video
-from preprocessing.subtitles import Cue, SubtitleError, clean_text, embedded_subtitles, read_subtitles
+from preprocessing.subtitles import Cue, SubtitleError, clean_text, embedded_subtitles, parse_srt, read_subtitles
 
 SRT = """\ufeff1
 00:00:01,000 --> 00:00:03,500
@@ -51,6 +51,13 @@ def test_srt_markup_dashes_multiline_and_timing(tmp_path: Path) -> None:
     ]
 
 
+def test_srt_cue_number_alone_before_its_timing_line_is_the_id() -> None:
+    srt = "1\n\n00:00:01,000 --> 00:00:03,000\nHi\n\n2\n\n00:00:04,000 --> 00:00:05,000\nThere\n"
+    assert parse_srt(srt) == [Cue(1.0, 3.0, "Hi"), Cue(4.0, 5.0, "There")]
+    # A number paragraph with no timing line after it is still the cue's text.
+    assert parse_srt("1\n00:00:01,000 --> 00:00:03,000\nThe answer is\n\n42\n") == [Cue(1.0, 3.0, "The answer is 42")]
+
+
 def test_legacy_encodings_are_decoded(tmp_path: Path) -> None:
     body = "1\n00:00:01,000 --> 00:00:02,000\nCafé – déjà vu\n"
     for encoding in ("cp1252", "utf-16"):
@@ -59,6 +66,8 @@ def test_legacy_encodings_are_decoded(tmp_path: Path) -> None:
 
 def test_clean_text_keeps_literal_angle_brackets_from_entities() -> None:
     assert clean_text("<b>I &lt;3 you</b>\n\u2014 <v Bob>Me&nbsp;too</v>") == "I <3 you Me too"
+    assert clean_text("I <3 you, and 2 > 1") == "I <3 you, and 2 > 1"  # raw brackets that open no tag are text
+    assert clean_text("<c.yellow>Hi</c> <00:00:01.500>there<i>!</i>") == "Hi there!"
 
 
 VTT = """WEBVTT - captions
