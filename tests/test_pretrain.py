@@ -132,8 +132,10 @@ def test_trains_logs_validates_and_exports(tmp_path: Path, shards: dict[str, Pat
     assert all(torch.equal(same.state_dict()[k], v) for k, v in reloaded.state_dict().items())
 
 
-def test_resume_continues_the_same_run(tmp_path: Path, shards: dict[str, Path]) -> None:
-    common = ["train.steps=8", "train.log_every=1", "optim.warmup_steps=2"]
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_continues_the_same_run(tmp_path: Path, shards: dict[str, Path], precision: str) -> None:
+    # bf16 runs DeepSpeed's bf16 engine on the CPU: the GPU's optimizer, fp32 master weights and checkpoint format.
+    common = ["train.steps=8", "train.log_every=1", "optim.warmup_steps=2", f"train.precision={precision}"]
     _pretrain(tmp_path / "whole", shards, *common)
     first = _pretrain(tmp_path / "split", shards, *common, "train.stop_at=4")
     assert "step 4 (stop_at)" in first.stdout
@@ -145,6 +147,17 @@ def test_resume_continues_the_same_run(tmp_path: Path, shards: dict[str, Path]) 
     for name in whole:  # bit-identical: model, optimizer, schedule, task draws, masks, dropout and data position
         assert torch.equal(whole[name], split[name]), name
     assert _train_losses(tmp_path / "whole") == _train_losses(tmp_path / "split")
+    if precision == "bf16":
+        from pretrain.export import load_checkpoint_model
+
+        # Export reads the fp32 master weights, not the bf16 module: most values are off the bf16 grid.
+        masters, _ = load_checkpoint_model(tmp_path / "whole")
+        resumed, _ = load_checkpoint_model(tmp_path / "split")
+        query = masters.bert.encoder.layer[0].attention.self.query.weight
+        assert whole["bert.encoder.layer.0.attention.self.query.weight"].dtype == torch.bfloat16
+        assert query.dtype == torch.float32 and (query != query.bfloat16().float()).float().mean() > 0.9
+        for name, param in masters.state_dict().items():
+            assert torch.equal(resumed.state_dict()[name], param), name
 
 
 def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes(tmp_path: Path, shards: dict[str, Path]) -> None:
