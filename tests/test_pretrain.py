@@ -236,18 +236,14 @@ def test_zero0_bf16_checkpoint_exports_its_bf16_weights_with_a_warning(
     from pretrain.export import load_checkpoint_model
 
     out = tmp_path / "run"
-    _pretrain(out, shards, "train.steps=1", "train.zero_stage=0", "optim.warmup_steps=1")
-    # A GPU bf16 run's file holds the module in bf16: write this CPU run's weights as it would.
-    states = out / "checkpoints/step_1/mp_rank_00_model_states.pt"
-    checkpoint = torch.load(states, map_location="cpu", weights_only=False)
-    checkpoint["module"] = {k: v.bfloat16() if v.is_floating_point() else v for k, v in checkpoint["module"].items()}
-    torch.save(checkpoint, states)
+    _pretrain(out, shards, "train.steps=1", "train.zero_stage=0", "train.precision=bf16", "optim.warmup_steps=1")
+    module = _weights(out / "checkpoints/step_1")
     with caplog.at_level("WARNING", logger="pretrain.export"):
         model, _ = load_checkpoint_model(out)
     assert "ZeRO-0 bf16 checkpoint holds only bf16 weights" in caplog.text
-    weight = model.bert.encoder.layer[0].attention.self.query.weight
-    assert weight.dtype == torch.float32 and torch.equal(weight, checkpoint["module"][
-        "bert.encoder.layer.0.attention.self.query.weight"].float())
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert module[name].dtype == torch.bfloat16
+    assert torch.equal(model.state_dict()[name], module[name].float())
 
 
 def _nan_shards(folder: Path, every: int) -> Path:
