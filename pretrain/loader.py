@@ -67,9 +67,10 @@ def shard_paths(source: str | Sequence[str]) -> list[str]:
             paths.update(sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded])
     if not paths:
         raise FileNotFoundError(f"no shards match {source!r}")
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"shard not found: {path}")
+    missing = sorted(path for path in paths if not Path(path).is_file())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard not found: {missing[0]}{more}")
     return sorted(paths)
 
 

@@ -85,7 +85,7 @@ def test_missing_shards_fail_before_start(tmp_path: Path, shards: dict[str, Path
     empty = _pretrain(tmp_path / "empty", {"train": ""}, check=False)
     assert empty.returncode == 2 and "'data.train_shards' is empty" in empty.stderr
     missing = _pretrain(tmp_path / "missing", {"train": tmp_path / "nowhere/shard-{000..001}.tar"}, check=False)
-    assert missing.returncode == 1 and "shard not found" in missing.stderr and "nowhere/shard-000.tar" in missing.stderr
+    assert missing.returncode == 1 and "shard not found" in missing.stderr and "nowhere/shard-000.tar (and 1 more)" in missing.stderr
     # Too few validation shards for the ranks: caught at start, not val_every steps into the run.
     few = _pretrain(tmp_path / "few", shards, f"data.val_shards={shards['val']}/shard-000000.tar", "train.micro_batch=4",
                     nproc=2, check=False)
