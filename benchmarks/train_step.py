@@ -63,18 +63,24 @@ def run(engine_step, model, data, cfg, device, dtype, steps: int, warmup: int) -
     return (time.perf_counter() - start) / steps
 
 
+def model_and_optimizer(cfg: PretrainConfig, vocab_size: int, device: torch.device,
+                        compile_layers: bool) -> tuple[MEmoBERT, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The same initial weights, AdamW and schedule for both loops."""
+    torch.manual_seed(0)
+    model = MEmoBERT.from_config(cfg.model, vocab_size=vocab_size).to(device)
+    if compile_layers:
+        model.compile_layers()
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                            fused=device.type == "cuda")
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
+
+
 def time_plain_loop(cfg: PretrainConfig, data: list[Batch], device: torch.device, vocab_size: int,
                     args: argparse.Namespace) -> float:
     """Seconds per step of plain PyTorch: fp32 weights, bf16 autocast on GPU, the same optimizer, schedule and
     clipping. A function of its own so that its model and optimizer are freed before DeepSpeed's are built."""
-    use_cuda = device.type == "cuda"
-    torch.manual_seed(0)
-    plain = MEmoBERT.from_config(cfg.model, vocab_size=vocab_size).to(device)
-    if args.compile:
-        plain.compile_layers()
-    opt = torch.optim.AdamW(param_groups(plain, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
+    plain, opt, sched = model_and_optimizer(cfg, vocab_size, device, args.compile)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def plain_step(loss: torch.Tensor, last: bool) -> None:
         (loss / cfg.train.grad_accum).backward()
@@ -122,12 +128,7 @@ def main() -> None:
     import deepspeed
 
     init_distributed()
-    torch.manual_seed(0)
-    model = MEmoBERT.from_config(cfg.model, vocab_size=ids.vocab_size)
-    if args.compile:
-        model.compile_layers()
-    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
+    model, opt, sched = model_and_optimizer(cfg, ids.vocab_size, device, args.compile)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, bf16=use_cuda))
 

@@ -94,6 +94,11 @@ def flat_positions(mask: Tensor) -> Tensor:
     return mask.flatten().nonzero().squeeze(1)
 
 
+def at_positions(values: Tensor, positions: Tensor) -> Tensor:
+    """Rows of `values` [B, L, ...] at flat `positions` [N] -> [N, ...], without reading the device."""
+    return values.flatten(0, 1).index_select(0, positions)
+
+
 @dataclass
 class Staged:
     """A micro-batch ready for the model: the host batch (masks are drawn from it), its device copy and layout.

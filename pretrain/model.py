@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
 import safetensors.torch
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ from transformers import BertConfig, BertForMaskedLM, BertModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 from memobert.config import from_dict, to_dict
-from pretrain.batch import Batch, PackedLayout, compact_layout
+from pretrain.batch import Batch, PackedLayout, at_positions, compact_layout
 from pretrain.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ class MEmoBERT(nn.Module):
             return enc
         if head not in HEADS or positions is None:
             raise ValueError(f"head must be one of {list(HEADS)} and comes with `positions`; got {head!r}")
-        h = getattr(enc, HEADS[head]).flatten(0, 1).index_select(0, positions)
+        h = at_positions(getattr(enc, HEADS[head]), positions)
         if head == "mlm":
             return self.cls(h)
         if head == "visual":

@@ -2,9 +2,10 @@
 
 Each task masks only its own modality (the others stay intact), runs the model, and returns the
 mean loss over its targets. Masks and target positions are drawn on the host copy of the staged
-micro-batch (pretrain.batch.stage), so a task never waits for a value from the device. Losses are sum / max(targets, 1): a micro-batch without targets gives
-an exact zero that still flows through the same parameters as a normal step, so data-parallel
-ranks produce gradients for the same parameter set.
+micro-batch (pretrain.batch.stage), so a task never waits for a value from the device. Losses are
+sum / max(targets, 1): a micro-batch without targets gives an exact zero that still flows through
+the same parameters as a normal step, so data-parallel ranks produce gradients for the same
+parameter set.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pretrain.batch import Staged, flat_positions
+from pretrain.batch import Staged, at_positions, flat_positions
 from pretrain.config import TASKS, MaskConfig, TaskConfig
 from pretrain.masking import IGNORE_INDEX, span_mask, whole_word_mask
 
@@ -84,7 +85,7 @@ class SpanFrameRegression:
             **{f"{self.modality}_masked": masked},
         ).float()
         frames = getattr(staged.stored, self.modality)
-        target = frames.flatten(0, 1).index_select(0, positions).float()
+        target = at_positions(frames, positions).float()
         n = positions.numel()
         # Mean over frames of the per-frame mean squared error (= mean over all masked elements).
         loss = (pred - target).pow(2).sum() / (max(n, 1) * frames.shape[-1])
@@ -103,7 +104,7 @@ class SpanMVFCKL:
         masked, positions = _span_positions(staged, "visual", self.ratio, self.span, generator)
         logits = model(staged.device, layout=staged.layout, visual_masked=masked, head="fer", positions=positions)
         log_pred = F.log_softmax(logits.float(), dim=-1)
-        target = staged.stored.vprob.flatten(0, 1).index_select(0, positions).float()
+        target = at_positions(staged.stored.vprob, positions).float()
         # float16 storage leaves the probabilities summing to 1 only within ~1e-3: renormalise.
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-6)
         n = positions.numel()

@@ -7,6 +7,7 @@ saved RNG state: the task of a step, the masks and dropout of a micro-batch are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -30,7 +31,7 @@ from pretrain.config import PretrainConfig
 from pretrain.export import TRAINER_STATE
 from pretrain.loader import TimedLoader, build_loader, shard_paths
 from pretrain.model import MEmoBERT
-from pretrain.tasks import TaskOutput, TaskSampler, build_tasks
+from pretrain.tasks import Task, TaskOutput, TaskSampler, build_tasks
 from pretrain.vocab import special_ids
 
 log = logging.getLogger(__name__)
@@ -89,33 +90,15 @@ def train(cfg: PretrainConfig) -> TrainResult:
         step, consumed = resumed["step"], resumed["micro_batches_consumed"]
         log.info("resumed from %s at step %d", ckpt_dir, step)
 
-    loader = build_loader(
-        cfg.data.train_shards,
-        cfg.data,
-        batch_size=cfg.train.micro_batch,
-        rank=rank,
-        world_size=world_size,
-        seed=cfg.train.seed,
-        cls_id=ids.cls,
-        sep_id=ids.sep,
-        start_step=consumed,
-    )
+    rank_loader = functools.partial(build_loader, cfg=cfg.data, batch_size=cfg.train.micro_batch, rank=rank,
+                                    world_size=world_size, cls_id=ids.cls, sep_id=ids.sep)
+    loader = rank_loader(cfg.data.train_shards, seed=cfg.train.seed, start_step=consumed)
     batches = iter(loader)
     # One pass over this rank's share of the held-out shards, the same batches every time; built now so
     # that a bad validation set fails before training, not val_every steps into it.
     val_loader = None
     if cfg.data.val_shards:
-        val_loader = build_loader(
-            cfg.data.val_shards,
-            cfg.data,
-            batch_size=cfg.train.micro_batch,
-            rank=rank,
-            world_size=world_size,
-            seed=cfg.train.seed + 7919,
-            cls_id=ids.cls,
-            sep_id=ids.sep,
-            infinite=False,
-        )
+        val_loader = rank_loader(cfg.data.val_shards, seed=cfg.train.seed + 7919, infinite=False)
     sampler = TaskSampler(cfg.tasks, seed=cfg.train.seed)
     task_fns = build_tasks(cfg.mask, ids.mask, ids.random_ids)
     metrics_file = (out_dir / "metrics.jsonl").open("a") if rank == 0 else None
@@ -198,7 +181,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             window_start = time.perf_counter()
 
         if val_loader and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
-            val = validate(engine, val_loader, cfg, rank, ids, float_dtype)
+            val = validate(engine, val_loader, task_fns, cfg, rank, float_dtype)
             _emit({"step": step, **val}, metrics_file, tensorboard, progress, step)
             engine.train()
 
@@ -269,10 +252,10 @@ class StepProfiler:
 
 
 @torch.no_grad()
-def validate(engine: Any, loader: TimedLoader, cfg: PretrainConfig, rank: int, ids: Any, float_dtype: torch.dtype) -> dict[str, float]:
+def validate(engine: Any, loader: TimedLoader, task_fns: dict[str, Task], cfg: PretrainConfig, rank: int,
+             float_dtype: torch.dtype) -> dict[str, float]:
     """Per-task loss and masked-token accuracy over the first val_batches batches of the finite `loader`."""
     engine.eval()
-    task_fns = build_tasks(cfg.mask, ids.mask, ids.random_ids)
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     correct = torch.zeros(2)  # masked tokens right, masked tokens
     # Every rank's loader has the same length, so all ranks run the same forwards (ZeRO-3 gathers in each).
@@ -287,7 +270,7 @@ def validate(engine: Any, loader: TimedLoader, cfg: PretrainConfig, rank: int, i
                 correct += torch.tensor([float(out.metrics["correct"]), float(out.num_targets)])
     names = sorted(sums)
     totals = torch.tensor([v for name in names for v in sums[name]] + correct.tolist(), dtype=torch.float64, device=_comm_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.all_reduce(totals)
     result = {f"val/{name}": float(totals[2 * i] / max(totals[2 * i + 1], 1.0)) for i, name in enumerate(names)}
     result["val/wwmlm_acc"] = float(totals[-2] / max(totals[-1], 1.0))
@@ -426,9 +409,14 @@ def _seed(base: int, rank: int, position: int) -> int:
 
 def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
     flag = torch.isfinite(loss.detach()).all().float().reshape(1)  # read once, below
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def _distributed() -> bool:
+    """More than one rank: collectives are needed (a single process skips them and their syncs)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _comm_device() -> torch.device:
@@ -437,7 +425,7 @@ def _comm_device() -> torch.device:
 
 
 def _any_rank(flag: bool) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _distributed():
         return flag  # no collective, no upload: a single GPU keeps running ahead
     value = torch.tensor([float(flag)], device=_comm_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
