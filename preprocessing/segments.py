@@ -58,16 +58,19 @@ def segments_from_video(
     Cues with empty cleaned text or shorter than `cfg.min_seconds` are dropped; longer than
     `cfg.max_seconds` are clipped to it. Keys are `<video_id>_<index>` with `video_id` the stem by
     default (pass a corpus-relative id when stems repeat across folders). `counts`, when given, is
-    incremented per reason: dropped_empty_text, dropped_too_short, clipped, no_subtitles (videos).
+    incremented per reason: skipped_malformed_cue, dropped_empty_text, dropped_too_short, clipped,
+    no_subtitles (videos).
     """
     video = Path(video_path)
     sidecar = find_sidecar(video)
-    cues = read_subtitles(sidecar) if sidecar else embedded_subtitles(video)
+    subtitles = read_subtitles(sidecar) if sidecar else embedded_subtitles(video)
     tally = counts if counts is not None else Counter()
-    if cues is None:
+    if subtitles is None:
         tally["no_subtitles"] += 1
         return []
-    return cues_to_segments(cues, str(video), video_id or video.stem, cfg, tally)
+    if subtitles.skipped:
+        tally["skipped_malformed_cue"] += len(subtitles.skipped)
+    return cues_to_segments(subtitles.cues, str(video), video_id or video.stem, cfg, tally)
 
 
 def cues_to_segments(

@@ -118,6 +118,9 @@ def test_bad_inputs_are_recorded_and_the_good_ones_processed(synth_corpus: Path,
     _link_movies(synth_corpus, src, ("movie_0002",))
     good = synth_corpus / "movies" / "movie_0002.mp4"
     subs = (synth_corpus / "movies" / "movie_0002.srt").read_text()
+    cues = subs.split("\n\n")
+    (src / "movie_0002.srt").unlink()  # the good video's subtitles, with one broken timing line
+    (src / "movie_0002.srt").write_text("\n\n".join([cues[0], cues[1].replace("-->", "->"), *cues[2:]]))
     (src / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
     (src / "zero.mp4").write_bytes(b"")
     _ffmpeg("-i", str(good), "-an", "-c:v", "copy", str(src / "silent.mp4"))
@@ -125,18 +128,23 @@ def test_bad_inputs_are_recorded_and_the_good_ones_processed(synth_corpus: Path,
             "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(src / "faceless.mp4"))
     shutil.copy(good, src / "empty_subs.mp4")
     shutil.copy(good, src / "garbage_subs.mp4")
+    shutil.copy(good, src / "broken_subs.mp4")
     for name in ("truncated", "zero", "silent", "faceless"):
         (src / f"{name}.srt").write_text(subs)
     (src / "empty_subs.srt").write_text("")
     (src / "garbage_subs.srt").write_text("this is not\na subtitle file\n")
+    (src / "broken_subs.srt").write_text(subs.replace("-->", "->"))
 
     out = tmp_path / "out"
     _preprocess(src, out)
     failures = {json.loads(line)["unit"]: json.loads(line)["reason"] for line in (out / "failures.jsonl").read_text().splitlines()}
-    assert set(failures) == {"truncated", "zero", "silent", "faceless", "empty_subs", "garbage_subs"}
+    assert set(failures) == {"truncated", "zero", "silent", "faceless", "empty_subs", "garbage_subs", "broken_subs"}
     assert "zero.mp4" in failures["zero"] and "truncated.mp4" in failures["truncated"]
     assert "audio" in failures["silent"] and "no_face" in failures["faceless"]
     assert "empty_subs" in failures["empty_subs"] and "garbage_subs.srt" in failures["garbage_subs"]
+    assert f"broken_subs.srt: no readable cue, {len(cues)} malformed" in failures["broken_subs"]
+    records = [json.loads(line) for line in (out / "units.jsonl").read_text().splitlines()]
+    assert [r["dropped"]["skipped_malformed_cue"] for r in records if r["unit"] == "movie_0002"] == [1]
     assert {u.key.rsplit("_", 1)[0] for u in _samples(out)} == {"movie_0002"}
 
 

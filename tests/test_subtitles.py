@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from preprocessing.config import SegmentConfig
 from preprocessing.segments import find_sidecar, segments_from_video
-from preprocessing.subtitles import Cue, SubtitleError, clean_text, embedded_subtitles, parse_srt, read_subtitles
+from preprocessing.subtitles import Cue, SubtitleError, Subtitles, clean_text, embedded_subtitles, parse_srt, read_subtitles
 
 SRT = """\ufeff1
 00:00:01,000 --> 00:00:03,500
@@ -42,8 +43,9 @@ def write(folder: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
 
 
 def test_srt_markup_dashes_multiline_and_timing(tmp_path: Path) -> None:
-    cues = read_subtitles(write(tmp_path, "a.srt", SRT))
-    assert cues == [
+    subtitles = read_subtitles(write(tmp_path, "a.srt", SRT))
+    assert subtitles.skipped == []
+    assert subtitles.cues == [
         Cue(1.0, 3.5, "Where were you? Out."),
         Cue(4.0, 6.25, "Two lines of text & more"),
         Cue(7.005, 9.0, "Missing blank line before this cue. and a stray paragraph"),  # ".5" is 5 ms, as in ffmpeg
@@ -53,15 +55,15 @@ def test_srt_markup_dashes_multiline_and_timing(tmp_path: Path) -> None:
 
 def test_srt_cue_number_alone_before_its_timing_line_is_the_id() -> None:
     srt = "1\n\n00:00:01,000 --> 00:00:03,000\nHi\n\n2\n\n00:00:04,000 --> 00:00:05,000\nThere\n"
-    assert parse_srt(srt) == [Cue(1.0, 3.0, "Hi"), Cue(4.0, 5.0, "There")]
+    assert parse_srt(srt).cues == [Cue(1.0, 3.0, "Hi"), Cue(4.0, 5.0, "There")]
     # A number paragraph with no timing line after it is still the cue's text.
-    assert parse_srt("1\n00:00:01,000 --> 00:00:03,000\nThe answer is\n\n42\n") == [Cue(1.0, 3.0, "The answer is 42")]
+    assert parse_srt("1\n00:00:01,000 --> 00:00:03,000\nThe answer is\n\n42\n").cues == [Cue(1.0, 3.0, "The answer is 42")]
 
 
 def test_legacy_encodings_are_decoded(tmp_path: Path) -> None:
     body = "1\n00:00:01,000 --> 00:00:02,000\nCafé – déjà vu\n"
     for encoding in ("cp1252", "utf-16"):
-        assert read_subtitles(write(tmp_path, f"{encoding}.srt", body, encoding))[0].text == "Café – déjà vu"
+        assert read_subtitles(write(tmp_path, f"{encoding}.srt", body, encoding)).cues[0].text == "Café – déjà vu"
 
 
 def test_clean_text_keeps_literal_angle_brackets_from_entities() -> None:
@@ -91,7 +93,7 @@ line
 
 
 def test_vtt_ids_settings_notes_and_voice_tags(tmp_path: Path) -> None:
-    cues = read_subtitles(write(tmp_path, "a.vtt", VTT))
+    cues = read_subtitles(write(tmp_path, "a.vtt", VTT)).cues
     assert cues == [Cue(1.0, 3.0, "Hi. Hello & welcome."), Cue(3600.25, 3602.0, "Multi line")]
 
 
@@ -112,7 +114,7 @@ Dialogue: 0,Default,0:00:08.00,0:00:09.00,,0,0,0,,{\\p1}m 0 0 l 10 0 10 10{\\p0}
 
 
 def test_ass_format_line_override_tags_and_line_breaks(tmp_path: Path) -> None:
-    cues = read_subtitles(write(tmp_path, "a.ass", ASS))
+    cues = read_subtitles(write(tmp_path, "a.ass", ASS)).cues
     assert cues == [
         Cue(5.0, 7.5, "Well, hello there, friend"),
         Cue(1.0, 3.05, "First! Second."),
@@ -123,7 +125,95 @@ def test_ass_format_line_override_tags_and_line_breaks(tmp_path: Path) -> None:
 def test_ssa_v4_marked_field(tmp_path: Path) -> None:
     ssa = "[Events]\nFormat: Marked, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text\n" \
           "Dialogue: Marked=0,0:00:02.00,0:00:04.00,*Default,NTP,0000,0000,0000,,Old style\n"
-    assert read_subtitles(write(tmp_path, "a.ssa", ssa)) == [Cue(2.0, 4.0, "Old style")]
+    assert read_subtitles(write(tmp_path, "a.ssa", ssa)).cues == [Cue(2.0, 4.0, "Old style")]
+
+
+GOOD = ["1\n00:00:01,000 --> 00:00:02,000\nOne\n", "2\n00:00:03,000 --> 00:00:04,000\nTwo\n",
+        "3\n00:00:05,000 --> 00:00:06,000\nThree\n"]
+THREE = [Cue(1.0, 2.0, "One"), Cue(3.0, 4.0, "Two"), Cue(5.0, 6.0, "Three")]
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("dot_millis", "\n".join(GOOD).replace(",", ".").encode()),
+        ("utf8_bom", b"\xef\xbb\xbf" + "\n".join(GOOD).encode()),
+        ("utf16_le_bom", "\n".join(GOOD).encode("utf-16-le").join([b"\xff\xfe", b""])),
+        ("utf16_be_bom", "\n".join(GOOD).encode("utf-16-be").join([b"\xfe\xff", b""])),
+        ("numbering_gaps", "\n".join(GOOD).replace("2\n", "17\n").replace("3\n", "4\n").encode()),
+        ("no_blank_lines", "".join(GOOD).encode()),
+        ("bom_mid_file", ("\n".join(GOOD[:2]) + "\n\ufeff" + GOOD[2]).encode()),  # files joined after the fact
+        ("crlf", "\n".join(GOOD).replace("\n", "\r\n").encode()),
+    ],
+)
+def test_messy_srt_files_read_in_full(tmp_path: Path, name: str, data: bytes) -> None:
+    path = tmp_path / f"{name}.srt"
+    path.write_bytes(data)
+    assert read_subtitles(path) == Subtitles(THREE, [])
+
+
+def test_a_utf16_file_cut_mid_character_reads_up_to_the_cut(tmp_path: Path) -> None:
+    path = tmp_path / "cut.srt"
+    path.write_bytes(("\ufeff" + "\n".join(GOOD)).encode("utf-16-le") + b"\n")
+    cues = read_subtitles(path).cues
+    assert cues[:2] == THREE[:2] and cues[2].text.startswith("Three")
+
+
+def test_messy_vtt_and_ass_files_read_in_full(tmp_path: Path) -> None:
+    vtt = "WEBVTT\n00:01,000 --> 00:02,000\nOne\n3\n00:00:03.000 --> 00:00:04.000\nTwo\nlast\n00:05.000 --> 00:06.000\nThree\n"
+    # A comma before the milliseconds, the header and cues not separated by blank lines, ids or none.
+    assert read_subtitles(write(tmp_path, "a.vtt", vtt, "utf-16")) == Subtitles(
+        [Cue(1.0, 2.0, "One"), Cue(3.0, 4.0, "Two last"), Cue(5.0, 6.0, "Three")], [])
+    ass = "\ufeff[Events]\nFormat: Start, End, Text\nDialogue: 0:00:01.00,0:00:02.00,One\n"
+    assert read_subtitles(write(tmp_path, "a.ass", ass)) == Subtitles([Cue(1.0, 2.0, "One")], [])
+
+
+def _broken_srt(second: str) -> str:
+    return GOOD[0] + "\n" + second + "\n" + GOOD[2]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "line", "why"),
+    [
+        ("arrow.srt", _broken_srt("2\n00:00:03,000 -> 00:00:04,000\nTwo\n"), 6, "expected a timing line"),
+        ("hours.srt", _broken_srt("2\n00:00:03 --> 00:00:04,000\nTwo\n"), 6, "expected a timing line"),
+        ("backwards.srt", _broken_srt("2\n00:00:04,000 --> 00:00:03,000\nTwo\n"), 6, "before it starts"),
+        ("no_timing.srt", _broken_srt("2\nTwo\n"), 6, "got 'Two'"),
+        # The skipped cue's text after a blank line inside it is skipped with it, not added to cue 1.
+        ("stray_text.srt", _broken_srt("2\n00:00:03,000 -> 00:00:04,000\nTwo\n\nand more\n"), 6, "expected a timing line"),
+        ("no_blanks.srt", GOOD[0] + "2\n00:00:03,000 - 00:00:04,000\nTwo\n" + GOOD[2], 5, "expected a timing line"),
+        ("number_apart.srt", GOOD[0] + "\n2\n\n00:00:03,000 -> 00:00:04,000\nTwo\n\n" + GOOD[2], 7, "expected a timing"),
+        ("text_first.srt", "Subtitles by nobody\n\n" + GOOD[0] + "\n" + GOOD[2], 1, "got 'Subtitles by nobody'"),
+        ("bad.vtt", "WEBVTT\n\n00:01.000 --> 00:02.000\nOne\n\nid\n00:03.000 -> 00:04.000\nTwo\n\n"
+                    "00:05.000 --> 00:06.000\nThree\n", 7, "expected a timing line"),
+        ("stray.vtt", "WEBVTT\n\n00:01.000 --> 00:02.000\nOne\n\nTwo\nwithout a time\n\n00:05.000 --> 00:06.000\nThree\n",
+         7, "got 'without a time'"),
+        ("bad_time.ass", "[Events]\nFormat: Start, End, Text\nDialogue: 0:00:01.00,0:00:02.00,One\n"
+                         "Dialogue: 0:00:03,0:00:x4.00,Two\nDialogue: 0:00:05.00,0:00:06.00,Three\n", 4, "bad time"),
+        ("short.ass", "[Events]\nFormat: Start, End, Text\nDialogue: 0:00:01.00,0:00:02.00,One\n"
+                      "Dialogue: 0:00:03.00\nDialogue: 0:00:05.00,0:00:06.00,Three\n", 4, "Dialogue has 1 fields"),
+        ("early.ass", "[Events]\nDialogue: 0:00:03.00,0:00:04.00,Two\nFormat: Start, End, Text\n"
+                      "Dialogue: 0:00:01.00,0:00:02.00,One\nDialogue: 0:00:05.00,0:00:06.00,Three\n", 2, "before the"),
+    ],
+)
+def test_a_malformed_cue_is_skipped_with_a_warning_naming_file_and_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, text: str, line: int, why: str
+) -> None:
+    path = write(tmp_path, name, text)
+    with caplog.at_level(logging.WARNING, logger="preprocessing.subtitles"):
+        subtitles = read_subtitles(path)
+    assert subtitles.cues == [THREE[0], THREE[2]]
+    assert len(subtitles.skipped) == 1 and subtitles.skipped[0].startswith(f"{path}:{line}: ") and why in subtitles.skipped[0]
+    assert [r.getMessage() for r in caplog.records] == [f"skipped a malformed subtitle cue: {subtitles.skipped[0]}"]
+
+
+def test_skipped_cues_are_counted_per_video(tmp_path: Path) -> None:
+    write(tmp_path, "ep.srt", _broken_srt("2\n00:00:03,000 -> 00:00:04,000\nTwo\n\n5\n00:00:09 --> 00:00:10\nFive\n"))
+    (tmp_path / "ep.mp4").touch()
+    counts: Counter[str] = Counter()
+    segments = segments_from_video(tmp_path / "ep.mp4", SegmentConfig(min_seconds=0.5), counts=counts)
+    assert [s.text for s in segments] == ["One", "Three"]
+    assert counts == {"skipped_malformed_cue": 2}
 
 
 @pytest.mark.parametrize(
@@ -131,7 +221,8 @@ def test_ssa_v4_marked_field(tmp_path: Path) -> None:
     [
         ("bad_timing.srt", "1\n00:00:01,000 -> 00:00:02,000\nHi\n", "bad_timing.srt:2"),
         ("no_timing.srt", "Just some text\n", "no_timing.srt:1"),
-        ("number_only.srt", "1\n00:00:01,000 --> 00:00:02,000\nHi\n\n2\nNo timing here\n", "number_only.srt:6"),
+        ("all_broken.srt", GOOD[0].replace(",", ";") + "\n" + GOOD[1].replace("-->", "->") + "\n" + GOOD[2][4:],
+         "all_broken.srt:2"),
         ("backwards.srt", "1\n00:00:05,000 --> 00:00:02,000\nHi\n", "backwards.srt:2"),
         ("no_header.vtt", "00:01.000 --> 00:02.000\nHi\n", "no_header.vtt:1"),
         ("bad_cue.vtt", "WEBVTT\n\nid\nnot a timing\n", "bad_cue.vtt:4"),
@@ -139,13 +230,20 @@ def test_ssa_v4_marked_field(tmp_path: Path) -> None:
         ("early.ass", "[Events]\nDialogue: 0,0:00:01.00,0:00:02.00,D,,0,0,0,,Hi\n", "early.ass:2"),
         ("bad_time.ass", "[Events]\nFormat: Start, End, Text\nDialogue: 1.5,0:00:02.00,Hi\n", "bad_time.ass:3"),
         ("short.ass", "[Events]\nFormat: Layer, Start, End, Text\nDialogue: 0,0:00:01.00\n", "short.ass:3"),
+        ("bad_format.ass", "[Events]\nFormat: Start, Text, End\nDialogue: 0:00:01.00,Hi,0:00:02.00\n", "bad_format.ass:2"),
         ("unknown.sub", "{1}{2}Hi\n", "unknown.sub"),
     ],
 )
-def test_malformed_files_raise_naming_the_file(tmp_path: Path, name: str, text: str, where: str) -> None:
+def test_a_file_without_one_good_cue_raises_naming_the_file(tmp_path: Path, name: str, text: str, where: str) -> None:
     with pytest.raises(SubtitleError) as info:
         read_subtitles(write(tmp_path, name, text))
     assert f"{tmp_path / where}" in str(info.value)
+
+
+def test_every_cue_broken_names_the_count_and_the_first_problem(tmp_path: Path) -> None:
+    path = write(tmp_path, "all.srt", "".join(g.replace("-->", "->") for g in GOOD))
+    with pytest.raises(SubtitleError, match=r"all\.srt: no readable cue, 3 malformed; the first: .*all\.srt:2: expected"):
+        read_subtitles(path)
 
 
 EMBEDDED = """1
@@ -185,7 +283,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_embedded_stream_is_extracted(videos: dict[str, Path]) -> None:
-    cues = embedded_subtitles(videos["embedded"])
+    cues = embedded_subtitles(videos["embedded"]).cues
     assert cues == [Cue(1.0, 3.5, "Where were you? Out."), Cue(4.0, 4.4, "Too short."), Cue(5.0, 8.25, "Two lines.")]
 
 
