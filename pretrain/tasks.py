@@ -4,9 +4,9 @@ Each task masks only its own modality (the others stay intact), runs the model, 
 authors' mean loss over its targets: WWMLM per masked token, frame regression per masked frame x
 feature dim, SpanMVFC-KL per masked frame x class. Masks and target positions are drawn on the host
 copy of the staged micro-batch (pretrain.batch.stage), so a task never waits for a value from the
-device. Losses are sum / max(count, 1): a micro-batch without targets gives an exact zero that still flows through
-the same parameters as a normal step, so data-parallel ranks produce gradients for the same
-parameter set.
+device. Losses are sum / max(count, 1): a micro-batch without targets gives an exact zero that still
+flows through the same parameters as a normal step, so data-parallel ranks produce gradients for the
+same parameter set.
 """
 
 from __future__ import annotations
