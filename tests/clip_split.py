@@ -46,12 +46,12 @@ def micro_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return LOSS_SCALE * (pred - target).pow(2).mean()
 
 
-def config(micro: int, accum: int, world: int, grad_clip: float | None = None) -> PretrainConfig:
-    clip = [] if grad_clip is None else [f"optim.grad_clip={grad_clip}"]
+def config(micro: int, accum: int, world: int) -> PretrainConfig:
+    """The tiny flavor without dropout, the default (recipe) clipping, AdamW and decay."""
     return load_config(PretrainConfig, overrides=[
         "model.flavor=tiny", "model.dropout=0", f"train.global_batch={micro * accum * world}",
         f"train.micro_batch={micro}", f"train.grad_accum={accum}", "train.steps=100", "optim.warmup_steps=0",
-        f"optim.lr={LR}", "train.precision=fp32", *clip,
+        f"optim.lr={LR}", "train.precision=fp32",
     ])
 
 
