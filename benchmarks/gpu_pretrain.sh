@@ -35,7 +35,7 @@ PY
 variant() {  # name, time limit (s), overrides...
   local name=$1 limit=$2; shift 2
   echo "== $name: $*"
-  timeout "$limit" python3 -m memobert.cli pretrain --config configs/pretrain/memobert_base.yaml model.init_from=null \
+  timeout "$limit" python3 -m memobert.cli pretrain --config configs/pretrain/memobert_base.yaml model.init_from=none \
       data.train_shards=/tmp/shards data.val_shards= data.num_workers=8 train.steps=40 train.log_every=10 \
       optim.warmup_steps=10 "train.out_dir=/tmp/run_$name" train.ckpt_every=1000000 train.val_every=1000000 "$@" 2>&1 \
       | tr '\r' '\n' | sed 's/.*\(step\/s\|s\/step\)[^]]*\]//' | grep -v "Gloo\|WARNING\|^\s*$" | tail -32 > "$OUT/pretrain_$name.txt"

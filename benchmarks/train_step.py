@@ -29,7 +29,7 @@ from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.loader import build_loader, padded_share  # noqa: E402
 from pretrain.model import MEmoBERT  # noqa: E402
 from pretrain.tasks import TaskSampler, build_tasks  # noqa: E402
-from pretrain.train import init_distributed, linear_warmup_decay, param_groups, deepspeed_config  # noqa: E402
+from pretrain.train import build_optimizer, deepspeed_config, init_distributed, linear_warmup_decay  # noqa: E402
 from pretrain.vocab import special_ids  # noqa: E402
 
 
@@ -70,8 +70,7 @@ def model_and_optimizer(cfg: PretrainConfig, vocab_size: int, device: torch.devi
     model = MEmoBERT.from_config(cfg.model, vocab_size=vocab_size).to(device)
     if compile_layers:
         model.compile_layers()
-    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            fused=device.type == "cuda")
+    opt = build_optimizer(model, cfg.optim, fused=device.type == "cuda")
     return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
 
 
@@ -112,7 +111,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     write_shards(tmp, args.samples, 4, vocab=args.vocab)
     cfg = load_config(PretrainConfig, overrides=[
-        f"model.flavor={args.flavor}", f"data.train_shards={tmp}", "data.num_workers=0",
+        f"model.flavor={args.flavor}", "model.init_from=none", f"data.train_shards={tmp}", "data.num_workers=0",
         f"train.micro_batch={args.micro_batch}", f"train.grad_accum={args.grad_accum}",
         f"train.global_batch={args.micro_batch * args.grad_accum}", "optim.warmup_steps=10", "train.steps=100000",
         f"train.precision={'bf16' if use_cuda else 'fp32'}",

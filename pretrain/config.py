@@ -1,4 +1,4 @@
-"""Pretraining config. Defaults are the MEmoBERT recipe (shared/REFERENCE.md); YAML holds overrides."""
+"""Pretraining config. Defaults are the MEmoBERT recipe (docs/recipe.md); YAML holds overrides."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ from typing import Literal
 from memobert.config import check
 
 TASKS = ("wwmlm", "spanmvfr", "spanmvfckl", "spanmafr")
+# `model.init_from: none` (YAML or command line): random init on purpose. Spelled as a string because
+# YAML's null is what an unset key looks like, and the base flavor must not start from random by accident.
+RANDOM_INIT = "none"
 
 
 @dataclass
 class ModelConfig:
     # Named shape (pretrain/model.py: FLAVORS). base is BERT-base, the paper's model.
     flavor: Literal["base", "debug", "tiny"] = "base"
-    # Local text-BERT folder to initialise from (bert-base-uncased in the paper). None: random init.
+    # Local text-BERT folder to initialise from (bert-base-uncased in the paper). Unset (null): random
+    # init, an error for the base flavor (see PretrainConfig.validate); "none": random init on purpose.
     init_from: str | None = None
     acoustic_dim: int = 768  # pooled wav2vec2-base frames
     visual_dim: int = 342  # DenseNet-BC-100 FER+ features
@@ -23,6 +27,11 @@ class ModelConfig:
     dropout: float = 0.1
     # The authors tie the frame-regression output to the input projection.
     tie_frame_regression: bool = True
+
+    @property
+    def text_bert(self) -> str | None:
+        """The text-BERT folder to initialise from, or None for random init (unset or "none")."""
+        return None if self.init_from in (None, RANDOM_INIT) else self.init_from
 
 
 @dataclass
@@ -76,12 +85,20 @@ class TaskConfig:
 class OptimConfig:
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6  # AdamW's; torch's default is 1e-8
+    # Not decayed (as the authors): parameters named "bias", and LayerNorm weights (pretrain.train.param_groups).
     weight_decay: float = 0.01
     warmup_steps: int = 4000
-    grad_clip: float = 5.0
+    # Threshold on the norm of the step's gradient AVERAGED over the global batch (DeepSpeed averages
+    # over accumulation steps and ranks), so it clips the same however the batch is split into
+    # micro-batch x accumulation x ranks. 1.25 is the authors' 5.0: they back-propagate each of
+    # their 4 micro-batch means without dividing by 4 and clip that sum, 4x the average. AdamW is
+    # invariant to that 4x scale of the gradient, apart from eps. 0 turns clipping off.
+    grad_clip: float = 1.25
 
     def validate(self) -> None:
         check(self.lr > 0, "lr", "must be positive")
+        check(self.eps > 0, "eps", "must be positive")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -140,3 +157,9 @@ class PretrainConfig:
 
     def validate(self) -> None:
         check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps", f"exceeds train.steps ({self.train.steps})")
+        check(
+            self.model.flavor != "base" or self.model.init_from is not None,
+            "model.init_from",
+            "the base flavor starts from a text BERT: give its local folder (e.g. model.init_from=checkpoints/"
+            f"bert-base-uncased), or model.init_from={RANDOM_INIT} for a random init on purpose",
+        )

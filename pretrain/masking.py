@@ -1,4 +1,4 @@
-"""Masking for the pretraining tasks: whole-word masking of text, span masking of frames (shared/REFERENCE.md).
+"""Masking for the pretraining tasks: whole-word masking of text, span masking of frames (docs/recipe.md).
 
 All randomness comes from the caller's torch.Generator, drawn on the generator's device and moved
 to the data's, so a seed reproduces the masks whatever device the batch lives on.

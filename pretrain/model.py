@@ -2,7 +2,7 @@
 
 Shape: a named flavor (FLAVORS) when training from scratch; with `ModelConfig.init_from` the text-BERT
 folder's own config.json defines the shape (layers, hidden size, vocab) and the flavor is ignored.
-Embedders follow the authors' UNITER fork (shared/REFERENCE.md, "Authors' embedder"); the three
+Embedders follow the authors' UNITER fork (docs/recipe.md); the three
 modalities are packed compactly per sample (valid text, valid visual, valid acoustic, then padding)
 so one attention mask covers the whole sequence and padding costs nothing in the middle.
 """
@@ -163,10 +163,10 @@ class MEmoBERT(nn.Module):
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, vocab_size: int | None = None) -> "MEmoBERT":
         """Random init from the flavor's shape, or from the text BERT in `model_cfg.init_from` (its shape wins)."""
-        if model_cfg.init_from:
-            model = cls.from_text_bert(model_cfg.init_from, model_cfg)
+        if model_cfg.text_bert:
+            model = cls.from_text_bert(model_cfg.text_bert, model_cfg)
             if vocab_size is not None and vocab_size != model.config.vocab_size:
-                raise ValueError(f"vocab_size {vocab_size} != {model.config.vocab_size} of {model_cfg.init_from}")
+                raise ValueError(f"vocab_size {vocab_size} != {model.config.vocab_size} of {model_cfg.text_bert}")
             return model
         shape = dict(FLAVORS[model_cfg.flavor])
         if vocab_size is not None:
@@ -177,14 +177,15 @@ class MEmoBERT(nn.Module):
     def from_text_bert(cls, folder: str | Path, model_cfg: ModelConfig) -> "MEmoBERT":
         """Initialise the backbone (and the MLM head, when the folder has one) from a local text-BERT folder.
 
-        The token type table grows from 2 to 3 rows; the new acoustic row starts as a copy of row 1
-        (the "second segment" row that visual frames use), so both frame modalities start alike.
+        The token type table grows from 2 to 3 rows: visual frames use BERT's row 1, the acoustic row
+        keeps its fresh BERT-style init, as the authors' separate speech type embedding does.
         """
         mlm, info = BertForMaskedLM.from_pretrained(str(folder), output_loading_info=True)
         model = cls(_bert_config(mlm.config, model_cfg), model_cfg)
         state = mlm.bert.state_dict()
         key = "embeddings.token_type_embeddings.weight"
-        state[key] = _grow_rows(state[key], model.config.type_vocab_size)
+        loaded = state[key]
+        state[key] = torch.cat([loaded, model.bert.embeddings.token_type_embeddings.weight.detach()[loaded.shape[0]:]])
         model.bert.load_state_dict(state)
         has_head = not any(k.startswith("cls.predictions.transform") for k in info["missing_keys"])
         if has_head:
@@ -348,14 +349,6 @@ def _bert_config(base: BertConfig, model_cfg: ModelConfig) -> BertConfig:
 def _numel(param: Tensor) -> int:
     # ZeRO-3 empties each rank's parameter tensors and keeps the full size in ds_numel.
     return getattr(param, "ds_numel", param.numel())
-
-
-def _grow_rows(weight: Tensor, rows: int) -> Tensor:
-    """Append copies of the last row until `weight` has `rows` rows."""
-    extra = rows - weight.shape[0]
-    if extra <= 0:
-        return weight
-    return torch.cat([weight, weight[-1:].expand(extra, -1)], dim=0)
 
 
 def _shape(c: BertConfig) -> str:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from memobert.config import ConfigError, to_dict
 from pretrain.batch import Batch, stage
-from pretrain.config import PretrainConfig
+from pretrain.config import OptimConfig, PretrainConfig
 from pretrain.export import TRAINER_STATE
 from pretrain.loader import TimedLoader, build_loader, shard_paths
 from pretrain.model import MEmoBERT
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices log no MFU rather than a wrong one.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Validation figures beside each task's loss: (task, metric summed over its targets) -> val/<task>_<suffix>.
+VAL_FIGURES = {("wwmlm", "correct"): "acc", ("spanmvfckl", "kl_sum"): "kl_per_frame"}
 
 
 @dataclass
@@ -72,9 +74,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if cfg.train.zero_stage == 3:
         for module, param in model.borrowed_parameters():
             deepspeed.zero.register_external_parameter(module, param)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=use_cuda
-    )
+    optimizer = build_optimizer(model, cfg.optim, fused=use_cuda)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.optim.warmup_steps, cfg.train.steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16)
@@ -254,27 +254,31 @@ class StepProfiler:
 @torch.no_grad()
 def validate(engine: Any, loader: TimedLoader, task_fns: dict[str, Task], cfg: PretrainConfig, rank: int,
              float_dtype: torch.dtype) -> dict[str, float]:
-    """Per-task loss and masked-token accuracy over the first val_batches batches of the finite `loader`."""
+    """Per-task loss (the training normalisation) over the first val_batches batches of the finite `loader`.
+
+    Also val/wwmlm_acc (masked-token accuracy) and val/spanmvfckl_kl_per_frame (the KL summed over
+    classes, averaged over masked frames: vprob_dim x val/spanmvfckl, the figure the authors validate).
+    """
     engine.eval()
+    # "val/<name>" -> [sum over targets, targets]
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    correct = torch.zeros(2)  # masked tokens right, masked tokens
     # Every rank's loader has the same length, so all ranks run the same forwards (ZeRO-3 gathers in each).
     for i, batch in enumerate(itertools.islice(loader, cfg.train.val_batches)):
         staged = stage(batch, engine.device, float_dtype)
         masks = torch.Generator().manual_seed(_seed(cfg.train.seed + 2, rank, i))
         for name, task in task_fns.items():
             out = task(engine, staged, masks)
-            sums[name][0] += float(out.loss) * out.num_targets
-            sums[name][1] += out.num_targets
-            if name == "wwmlm":
-                correct += torch.tensor([float(out.metrics["correct"]), float(out.num_targets)])
-    names = sorted(sums)
-    totals = torch.tensor([v for name in names for v in sums[name]] + correct.tolist(), dtype=torch.float64, device=_comm_device())
+            figures = {f"val/{name}": float(out.loss) * out.num_targets}
+            figures.update({f"val/{name}_{suffix}": float(out.metrics[metric])
+                            for (task_name, metric), suffix in VAL_FIGURES.items() if task_name == name})
+            for key, value in figures.items():
+                sums[key][0] += value
+                sums[key][1] += out.num_targets
+    keys = sorted(sums)
+    totals = torch.tensor([v for key in keys for v in sums[key]], dtype=torch.float64, device=_comm_device())
     if _distributed():
         dist.all_reduce(totals)
-    result = {f"val/{name}": float(totals[2 * i] / max(totals[2 * i + 1], 1.0)) for i, name in enumerate(names)}
-    result["val/wwmlm_acc"] = float(totals[-2] / max(totals[-1], 1.0))
-    return result
+    return {key: float(totals[2 * i] / max(totals[2 * i + 1], 1.0)) for i, key in enumerate(keys)}
 
 
 def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, consumed: int, world_size: int, cfg: PretrainConfig) -> Path:
@@ -380,13 +384,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    """The recipe's AdamW: lr, betas, eps and weight decay from `optim`, no decay on biases and LayerNorms."""
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                             fused=fused)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups by the BERT convention: no decay on biases and LayerNorm weights."""
+    """AdamW groups: no decay for names containing "bias" or "LayerNorm" (the authors' rule), nor for
+    the LayerNorms our own modules name otherwise (norm, proj_norm, slots of a Sequential).
+
+    Everything else decays, also 1-D parameters such as the frame mask embeddings.
+    """
+    layer_norms = {f"{owner}.{name}" if owner else name
+                   for owner, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)
+                   for name, _ in module.named_parameters(recurse=False)}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+        exempt = "bias" in name or "LayerNorm" in name or name in layer_norms
+        (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -31,7 +31,7 @@ def vocab_folder(cfg: PretrainConfig) -> str | None:
         recorded = Manifest.load(shards).extractors.get("text", {}).get("vocab")
         if recorded:
             return recorded
-    folder = cfg.model.init_from
+    folder = cfg.model.text_bert
     if folder is not None and (Path(folder) / "vocab.txt").is_file():
         return folder
     return None

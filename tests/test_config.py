@@ -17,11 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_pretrain_defaults_are_the_paper_recipe() -> None:
-    cfg = load_config(PretrainConfig)
+    cfg = load_config(PretrainConfig, overrides=["model.init_from=none"])
     assert cfg.train.global_batch == 640 and cfg.train.micro_batch * cfg.train.grad_accum == 640
     assert cfg.train.steps == 40_000 and cfg.optim.warmup_steps == 4_000
     assert cfg.optim.lr == 5e-5 and cfg.optim.betas == (0.9, 0.98) and cfg.optim.weight_decay == 0.01
-    assert cfg.optim.grad_clip == 5.0 and cfg.model.dropout == 0.1
+    # The authors' clip of 5.0 on the sum of 4 micro-batch means, as a threshold on the averaged gradient.
+    assert cfg.optim.grad_clip == 1.25 and cfg.optim.eps == 1e-6 and cfg.model.dropout == 0.1
     assert cfg.model.flavor == "base" and cfg.model.type_vocab_size == 3
     assert (cfg.model.acoustic_dim, cfg.model.visual_dim, cfg.model.vprob_dim) == (768, 342, 8)
     assert (cfg.data.max_text_len, cfg.data.max_visual_len, cfg.data.max_acoustic_len) == (30, 36, 64)
@@ -47,7 +48,8 @@ def test_preprocess_defaults_are_the_feature_recipe() -> None:
 def test_yaml_then_command_line_overrides(tmp_path: Path) -> None:
     override = tmp_path / "o.yaml"
     override.write_text("train:\n  steps: 100\n  micro_batch: 8\n  grad_accum: 2\n  global_batch: 16\noptim:\n  lr: 1e-4\n")
-    cfg = load_config(PretrainConfig, [override], ["train.steps=50", "optim.warmup_steps=5", "tasks.ratios.wwmlm=0"])
+    cfg = load_config(PretrainConfig, [override], ["train.steps=50", "optim.warmup_steps=5", "tasks.ratios.wwmlm=0",
+                                                   "model.flavor=debug"])
     assert cfg.train.steps == 50  # the command line wins over YAML
     assert cfg.train.micro_batch == 8 and cfg.optim.lr == 1e-4  # YAML's "1e-4" is a string; coerced
     assert cfg.tasks.ratios["wwmlm"] == 0.0 and cfg.tasks.ratios["spanmafr"] == 1.0  # merged, not replaced
@@ -89,6 +91,18 @@ def test_bad_config_names_the_key(overrides: list[str], message: str) -> None:
         load_config(PretrainConfig, overrides=overrides)
 
 
+def test_base_flavor_needs_init_from_or_an_explicit_none(tmp_path: Path) -> None:
+    for overrides in ([], ["model.init_from=null"]):
+        with pytest.raises(ConfigError, match="'model.init_from'.*model.init_from=none"):
+            load_config(PretrainConfig, overrides=overrides)
+    assert load_config(PretrainConfig, overrides=["model.init_from=none"]).model.text_bert is None
+    assert load_config(PretrainConfig, overrides=["model.init_from=bert"]).model.text_bert == "bert"
+    assert load_config(PretrainConfig, overrides=["model.flavor=debug"]).model.text_bert is None  # small flavors may start random
+    spelled = tmp_path / "random.yaml"
+    spelled.write_text("model:\n  init_from: none\n")  # YAML reads none as a string, null as unset
+    assert load_config(PretrainConfig, [spelled]).model.init_from == "none"
+
+
 def test_bad_yaml_file_names_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="nope.yaml"):
@@ -108,12 +122,15 @@ def test_shipped_yaml_files_hold_only_valid_overrides() -> None:
 
     classes = config_classes()
 
+    # The ZeRO files are overlays on a full run's file (--config memobert_base.yaml --config zero2.yaml).
+    overlays = {REPO / "configs/pretrain" / name: REPO / "configs/pretrain/memobert_base.yaml" for name in ("zero2.yaml", "zero3.yaml")}
     files = sorted((REPO / "configs").rglob("*.yaml"))
     assert files, "configs/ holds no YAML files"
     for path in files:
         folder = path.relative_to(REPO / "configs").parts[0]
         assert folder in classes, f"{path}: no config class for configs/{folder}/"
-        load_config(classes[folder], [path])  # raises on an unknown key or bad value
+        base = [overlays[path]] if path in overlays else []
+        load_config(classes[folder], [*base, path])  # raises on an unknown key or bad value
 
 
 def test_cli_print_config_and_error_exit(tmp_path: Path) -> None:

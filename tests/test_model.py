@@ -148,9 +148,19 @@ def test_init_from_minilm_loads_its_weights_and_runs() -> None:
     types = model.bert.embeddings.token_type_embeddings.weight
     assert types.shape[0] == 3
     assert torch.equal(types[:2], ref.embeddings.token_type_embeddings.weight)
-    assert torch.equal(types[2], types[1])  # acoustic row starts as a copy of row 1
+    # The acoustic row is initialised on its own (BERT's normal(0, initializer_range)), not copied from visual.
+    assert not torch.isclose(types[2], types[1]).any()
+    assert abs(types[2].std().item() - model.config.initializer_range) < 0.005 and abs(types[2].mean().item()) < 0.005
     enc = model(make_batch([(4, 6, 8), (2, 0, 5)]))
     assert enc.text.shape[-1] == 384 and torch.isfinite(enc.sequence).all()
+
+
+def test_init_from_none_is_a_random_init() -> None:
+    torch.manual_seed(0)
+    spelled = MEmoBERT.from_config(ModelConfig(flavor="tiny", init_from="none"))
+    torch.manual_seed(0)
+    unset = MEmoBERT.from_config(ModelConfig(flavor="tiny"))
+    assert all(torch.equal(a, b) for a, b in zip(spelled.state_dict().values(), unset.state_dict().values()))
 
 
 def test_init_from_masked_lm_checkpoint_loads_the_mlm_head(tmp_path) -> None:

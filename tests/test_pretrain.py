@@ -113,6 +113,9 @@ def test_trains_logs_validates_and_exports(tmp_path: Path, shards: dict[str, Pat
     assert train[-1]["loss/wwmlm"] < train[0]["loss/wwmlm"] - 0.3 and val[-1]["val/wwmlm"] < val[0]["val/wwmlm"]
     for task in ("wwmlm", "spanmvfr", "spanmvfckl", "spanmafr"):
         assert math.isfinite(train[-1][f"loss/{task}"]) and math.isfinite(val[-1][f"val/{task}"])
+    # SpanMVFC-KL trains on the KL per masked frame x class; validation also gives it per frame (x 8 classes).
+    assert val[-1]["val/spanmvfckl_kl_per_frame"] == pytest.approx(8 * val[-1]["val/spanmvfckl"], rel=1e-6)
+    assert 0 <= val[-1]["val/wwmlm_acc"] <= 1
     assert all(0 <= m["data_wait_pct"] <= 100 and m["samples_per_s"] > 0 for m in train)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -289,3 +292,79 @@ def test_resume_on_another_world_size_restores_the_module_and_warns(tmp_path: Pa
     assert [m["step"] for m in _metrics(out) if "samples_per_s" in m] == [1, 2, 3, 4, 5, 6]
     lr_at_4 = next(m["lr"] for m in _metrics(out) if m["step"] == 4 and "lr" in m)
     assert lr_at_4 == pytest.approx(1e-3 * (6 - 4) / 5)  # the schedule continued, it did not restart
+
+
+
+def test_clipping_is_the_authors_and_the_same_for_every_split(tmp_path: Path) -> None:
+    """The default threshold clips as the authors' loop does, whether 8 samples are 2 x 4, 8 x 1 or 2 ranks x 4."""
+    from dataclasses import replace
+
+    from clip_split import STEPS, config, global_batches, micro_loss
+    from pretrain.model import MEmoBERT
+    from pretrain.train import build_optimizer, linear_warmup_decay
+    from test_model import batch_of
+
+    script = str(REPO / "tests/clip_split.py")
+    one_rank = subprocess.Popen([sys.executable, script, str(tmp_path), "2x4", "8x1"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    two_ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                  f"--master_port={_free_port()}", script, str(tmp_path), "4x1"], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # The authors' loop: 4 micro-batch means of 2 samples back-propagated without dividing by 4, that
+    # sum clipped at 5.0. Its gradient is 4x the engine's average, so its AdamW gets 4x eps to take
+    # exactly the same steps (AdamW is scale-invariant apart from eps).
+    cfg = config(2, 4, 1)
+    torch.manual_seed(0)
+    model = MEmoBERT.from_config(cfg.model)
+    optimizer = build_optimizer(model, replace(cfg.optim, eps=4 * cfg.optim.eps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(0, cfg.train.steps))
+    norms = []
+    for utts in global_batches():
+        for i in range(4):
+            micro_loss(model, batch_of(utts[2 * i:2 * i + 2])).backward()
+        for param in model.parameters():  # DeepSpeed steps unused parameters too (weight decay reaches them)
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=False)
+    # Clipping bites in every step, and a threshold of 5.0 on the average (norm / 4) would not have.
+    assert len(norms) == STEPS and all(5.0 < n < 4 * 5.0 for n in norms), norms
+    assert cfg.optim.grad_clip == 1.25
+
+    for proc in (one_rank, two_ranks):
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-4000:]
+    for split in ("1x2x4", "1x8x1", "2x4x1"):
+        params = torch.load(tmp_path / f"{split}.pt")
+        for name, param in model.named_parameters():
+            # fp32 sums in another order give ~4e-7; the authors' threshold applied to the average (4x
+            # looser) moves the weights by ~7e-4 in these 3 steps of lr 1e-3.
+            torch.testing.assert_close(params[name], param.detach(), rtol=1e-5, atol=1e-6, msg=f"{split}: {name}")
+
+
+def test_optimizer_is_the_authors_adamw() -> None:
+    from pretrain.config import ModelConfig, OptimConfig
+    from pretrain.model import MEmoBERT
+    from pretrain.train import build_optimizer
+
+    model = MEmoBERT.from_config(ModelConfig(flavor="tiny"))
+    optimizer = build_optimizer(model, OptimConfig())
+    assert optimizer.defaults["eps"] == 1e-6 and optimizer.defaults["betas"] == (0.9, 0.98)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, exempt = ({names[id(p)] for p in group["params"]} for group in (decay, no_decay))
+    assert decayed | exempt == set(names.values()) and not decayed & exempt
+    layer_norm_weights = {
+        "bert.embeddings.LayerNorm.weight", "cls.predictions.transform.LayerNorm.weight",
+        *(f"bert.encoder.layer.{i}.{part}.LayerNorm.weight" for i in (0, 1) for part in ("attention.output", "output")),
+        # Ours, named otherwise: the authors' name rule alone would decay them.
+        *(f"{m}_embed.{ln}.weight" for m in ("visual", "acoustic") for ln in ("proj_norm", "norm")),
+        "visual_head.transform.2.weight", "acoustic_head.transform.2.weight", "fer_head.net.2.weight",
+    }
+    assert exempt == layer_norm_weights | {n for n in names.values() if n.endswith("bias")}
+    # 1-D but neither a bias nor a LayerNorm: decayed, as the authors' mask embeddings (an nn.Embedding) are.
+    assert {"visual_embed.mask_embedding", "acoustic_embed.mask_embedding"} <= decayed

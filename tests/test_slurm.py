@@ -98,7 +98,7 @@ def test_dry_run_prints_the_requested_resources(tmp_path: Path, capsys: pytest.C
     assert not (tmp_path / "run").exists()  # nothing submitted, nothing written
 
     with pytest.raises(SystemExit) as wrong:
-        main(["submit", "pretrain", "--nodes", "3", "--gpus-per-node", "8", "--dry-run"])
+        main(["submit", "pretrain", "--nodes", "3", "--gpus-per-node", "8", "--dry-run", "model.init_from=none"])
     assert wrong.value.code == 2 and "world size 24 (3 nodes x 8 tasks per node)" in capsys.readouterr().err
 
     labeled = write_tiny_shards(tmp_path / "labeled", 8, 1, speakers=SPEAKERS)

@@ -1,16 +1,18 @@
-"""The four pretraining tasks on a tiny real model: they learn, they survive missing modalities, they mix as the authors'."""
+"""The four pretraining tasks on a tiny real model: their loss values pinned, they learn, they survive missing
+modalities, they mask only their own modality, they mix as the authors'."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from pretrain.batch import stage
 from pretrain.config import TASKS, MaskConfig, TaskConfig
-from pretrain.masking import IGNORE_INDEX, whole_word_mask
+from pretrain.masking import IGNORE_INDEX, span_mask, whole_word_mask
 from pretrain.tasks import TaskSampler, build_tasks
 from tests.test_model import MASK_ID, RANDOM_IDS, VOCAB_SIZE, make_batch, tiny_model  # noqa: F401 (fixture)
 
@@ -153,3 +155,104 @@ def test_frame_targets_keep_the_shards_precision() -> None:
         exact = task(model, staged, torch.Generator().manual_seed(0)).loss
         rounded = task(model, replace(staged, stored=staged.device), torch.Generator().manual_seed(0)).loss
         assert exact != rounded, name  # the targets do come from the float16 copy
+
+
+# ---- pinned loss values: each task's loss recomputed by hand from the model's outputs -------------------
+
+
+PINNED_SHAPES = [(6, 12, 20), (4, 9, 15), (3, 7, 11)]
+
+
+def _pinned(name: str):
+    """The task's output on a fixed batch, and the (untouched) model, batch and a fresh copy of its generator."""
+    model = tiny_model(seed=3)
+    batch = make_batch(PINNED_SHAPES, seed=11)
+    out = _tasks()[name](model, stage(batch), torch.Generator().manual_seed(5))
+    return out, model, batch, torch.Generator().manual_seed(5)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
+
+def test_wwmlm_loss_is_cross_entropy_of_the_original_ids_per_masked_token() -> None:
+    out, model, batch, gen = _pinned("wwmlm")
+    ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, RANDOM_IDS, gen)
+    masked = labels != IGNORE_INDEX
+    assert (ids[masked] != batch.text_ids[masked]).any()  # the input really is corrupted at the targets
+    with torch.no_grad():
+        logits = model.cls(model(stage(batch).device, text_ids=ids).text)[masked].double().numpy()
+    originals = batch.text_ids[masked].numpy()
+    expected = -_log_softmax(logits)[np.arange(len(originals)), originals].mean()
+    assert out.num_targets == len(originals)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(("name", "modality", "ratio"), [("spanmvfr", "visual", 0.2), ("spanmafr", "acoustic", 0.15)])
+def test_frame_regression_loss_is_the_mse_per_masked_frame_and_dimension(name: str, modality: str, ratio: float) -> None:
+    out, model, batch, gen = _pinned(name)
+    valid = getattr(batch, f"{modality}_mask")
+    masked = span_mask(valid.sum(1), ratio, 3, gen, max_len=valid.shape[1])
+    with torch.no_grad():
+        hidden = getattr(model(stage(batch).device, **{f"{modality}_masked": masked}), modality)[masked]
+        embed, head = getattr(model, f"{modality}_embed"), getattr(model, f"{modality}_head")
+        pred = head(hidden, embed.proj.weight).double().numpy()
+    original = getattr(batch, modality)[masked].double().numpy()  # the features before masking zeroed them
+    expected = ((pred - original) ** 2).mean()  # over masked frames x feature dims
+    assert out.num_targets == int(masked.sum()) > 0
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_spanmvfckl_loss_is_kl_target_to_prediction_per_masked_frame_and_class() -> None:
+    out, model, batch, gen = _pinned("spanmvfckl")
+    masked = span_mask(batch.visual_mask.sum(1), 0.2, 3, gen, max_len=batch.visual_mask.shape[1])
+    with torch.no_grad():
+        logits = model.fer_head(model(stage(batch).device, visual_masked=masked).visual[masked]).double().numpy()
+    log_pred = _log_softmax(logits)
+    target = batch.vprob[masked].double().numpy()
+    target /= target.sum(1, keepdims=True)  # float16 storage: renormalised
+    terms = target * (np.log(target) - log_pred)  # KL(target || predicted), per frame and class
+    assert out.num_targets == target.shape[0] > 0
+    assert out.loss.item() == pytest.approx(terms.mean(), rel=1e-6)  # / (frames x 8), the authors' training loss
+    assert out.metrics["kl_sum"].item() == pytest.approx(terms.sum(), rel=1e-6)
+
+
+class _Recorder(torch.nn.Module):
+    """Runs the real model and keeps the keyword arguments of each call (which inputs a task masked)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append(kwargs)
+        return self.model(*args, **kwargs)
+
+
+def test_each_task_masks_only_its_own_modality_with_its_own_ratio() -> None:
+    # Ratios far apart, so a task reading another's ratio would mask a different number of frames.
+    cfg = MaskConfig(word_mask_prob=0.5, visual_mask_ratio=0.3, acoustic_mask_ratio=0.6)
+    batch = make_batch([(8, 30, 30), (6, 24, 24)], seed=12)
+    modalities = {"wwmlm": "text", "spanmvfr": "visual", "spanmvfckl": "visual", "spanmafr": "acoustic"}
+    for name, task in build_tasks(cfg, MASK_ID, RANDOM_IDS).items():
+        model = _Recorder(tiny_model())
+        out = task(model, stage(batch), torch.Generator().manual_seed(7))
+        (call,) = model.calls
+        own = modalities[name]
+        masked_inputs = {key for key in ("text_ids", "visual_masked", "acoustic_masked") if key in call}
+        assert masked_inputs == {"text_ids" if own == "text" else f"{own}_masked"}, name
+        gen = torch.Generator().manual_seed(7)
+        if own == "text":
+            _, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.5, MASK_ID, RANDOM_IDS, gen)
+            expected = int((labels != IGNORE_INDEX).sum())
+            assert expected > 0.35 * int((batch.word_ids >= 0).sum())  # 0.5 of the words, not 0.15
+        else:
+            ratio = cfg.visual_mask_ratio if own == "visual" else cfg.acoustic_mask_ratio
+            other = cfg.acoustic_mask_ratio if own == "visual" else cfg.visual_mask_ratio
+            valid = getattr(batch, f"{own}_mask")
+            expected = int(span_mask(valid.sum(1), ratio, cfg.span, gen, max_len=valid.shape[1]).sum())
+            wrong = span_mask(valid.sum(1), other, cfg.span, torch.Generator().manual_seed(7), max_len=valid.shape[1])
+            assert int(wrong.sum()) != expected  # the other ratio would be seen
+            assert not (call[f"{own}_masked"] & ~valid).any()  # only real frames
+        assert out.num_targets == expected, name
