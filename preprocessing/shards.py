@@ -110,9 +110,9 @@ def _samples_in_order(parts: list[Path], shuffle_seed: int | None) -> Iterator[d
         for part in parts:
             yield from tar_samples(str(part))
         return
-    # Only byte ranges are held, never samples: the corpus need not fit in memory.
+    # Only byte ranges are held (~28 bytes per clip), never samples: the corpus need not fit in memory.
     spans = [np.asarray(tar_sample_spans(str(part)), dtype=np.int64).reshape(-1, 2) for part in parts]
-    owner = np.repeat(np.arange(len(parts)), [len(s) for s in spans])
+    owner = np.repeat(np.arange(len(parts), dtype=np.int32), [len(s) for s in spans])
     first = np.cumsum([0] + [len(s) for s in spans])
     files: OrderedDict[int, BinaryIO] = OrderedDict()
     try:

@@ -15,7 +15,7 @@ import webdataset as wds
 from helpers import write_tiny_shards
 
 from memobert.config import ConfigError, load_config
-from memobert.schema import Manifest, Utterance, encode, tar_samples
+from memobert.schema import Manifest, Utterance, encode, read_tar_sample, tar_sample_spans, tar_samples
 from pretrain.batch import Batch
 from pretrain.config import DataConfig, PretrainConfig
 from pretrain.loader import (
@@ -254,6 +254,8 @@ def test_tar_reader_groups_samples_as_webdataset_does(shards: Path, tmp_path: Pa
     theirs = [{k: v for k, v in s.items() if k != "__local_path__"} for s in theirs]
     assert ours == theirs and len(ours) == 3 and ours[0]["__key__"].startswith(folder + "/")
     assert [s["__key__"].split("/")[-1] for s in ours] == [s["__key__"] for s in samples]
+    with path.open("rb") as stream:  # what the shuffled pack reads: each sample alone, from its byte range
+        assert [read_tar_sample(stream, span, str(path)) for span in reversed(tar_sample_spans(str(path)))] == ours[::-1]
 
 
 def test_a_damaged_tar_names_the_file(shards: Path, tmp_path: Path) -> None:
