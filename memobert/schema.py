@@ -144,7 +144,8 @@ def tar_samples(path: str) -> Iterator[dict[str, Any]]:
     ~2,600 samples/s per core; this reads ~27,000 (docs/benchmarks.md, Loader).
     """
     with open(path, "rb", buffering=1 << 20) as stream:  # big reads: fewer syscalls, kinder to network file systems
-        yield from (sample for sample, _ in _grouped(stream, path, read_data=True))
+        for sample, _ in _grouped(stream, path, read_data=True):
+            yield sample
 
 
 def tar_sample_spans(path: str) -> list[tuple[int, int]]:
@@ -164,29 +165,14 @@ def read_tar_sample(stream: BinaryIO, span: tuple[int, int], path: str) -> dict[
 
 
 def _grouped(stream: BinaryIO, path: str, read_data: bool) -> Iterator[tuple[dict[str, Any], tuple[int, int]]]:
-    """(raw sample, its byte span) per sample; without read_data the members' bytes are skipped, not read."""
+    """(raw sample, its byte span) per sample; without read_data the members' bytes are skipped, not read.
+
+    A span starts at the first header of the sample's first member (a pax or GNU long-name header included).
+    """
     sample: dict[str, Any] = {}
-    start = end = 0
-    for member_start, member_end, key, suffix, data in _members(stream, path, read_data):
-        if sample and key != sample["__key__"]:
-            yield sample, (start, end)
-            sample = {}
-        if not sample:
-            start = member_start
-            sample = {"__key__": key, "__url__": path}
-        if suffix in sample:
-            raise ValueError(f"{path}: sample {key!r} has two {suffix!r} members")
-        sample[suffix] = data
-        end = member_end
-    if sample:
-        yield sample, (start, end)
-
-
-def _members(stream: BinaryIO, path: str, read_data: bool) -> Iterator[tuple[int, int, str, str, bytes | None]]:
-    """(start, end, key, suffix, data) per file member; start includes a preceding long-name header."""
     long_name = None  # from a pax or GNU long-name header, for the member that follows it
-    offset = chain_start = 0
-    extended = False  # a pax or GNU long-name header was read: the member it belongs to starts there
+    offset = member_start = start = 0
+    extended = False  # a long-name header was read: the member it belongs to starts there
     while (header := stream.read(_BLOCK)) != _END:
         if len(header) < _BLOCK:
             raise ValueError(f"{path}: ends at byte {offset + len(header)} without an end-of-archive block: truncated?")
@@ -194,18 +180,18 @@ def _members(stream: BinaryIO, path: str, read_data: bool) -> Iterator[tuple[int
             raise ValueError(f"{path}: no tar header at byte {offset}")
         size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
         kind = header[156:157]
-        padded = size + -size % _BLOCK
+        padding = -size % _BLOCK
+        data = None
         if read_data or kind in (b"x", b"L"):
             data = stream.read(size)
             if len(data) < size:
                 raise ValueError(f"{path}: member at byte {offset} is truncated: {len(data)} of {size} bytes")
-            stream.read(padded - size)
+            stream.read(padding)
         else:
-            data = None
-            stream.seek(padded, io.SEEK_CUR)
+            stream.seek(size + padding, io.SEEK_CUR)
         if not extended:
-            chain_start = offset
-        offset += _BLOCK + padded
+            member_start = offset
+        offset += _BLOCK + size + padding
         extended = kind in (b"x", b"L")
         if extended:
             long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode()
@@ -215,7 +201,19 @@ def _members(stream: BinaryIO, path: str, read_data: bool) -> Iterator[tuple[int
         dot = name.find(".", name.rfind("/") + 1)
         if kind not in (b"0", b"\0") or dot < 0:
             continue
-        yield chain_start, offset, name[:dot], name[dot + 1 :].lower(), data
+        key, suffix = name[:dot], name[dot + 1 :].lower()
+        if sample and key != sample["__key__"]:
+            yield sample, (start, member_start)
+            sample = {}
+        if not sample:
+            sample = {"__key__": key, "__url__": path}
+            start = member_start
+        if suffix in sample:
+            raise ValueError(f"{path}: sample {key!r} has two {suffix!r} members")
+        sample[suffix] = data
+        end = offset
+    if sample:
+        yield sample, (start, end)
 
 
 def _header_name(header: bytes) -> str:
