@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -143,41 +143,77 @@ def tar_samples(path: str) -> Iterator[dict[str, Any]]:
     parses two headers per member (webdataset's writer adds a pax header for every float mtime) and reads
     ~2,600 samples/s per core; this reads ~27,000 (docs/benchmarks.md, Loader).
     """
+    with open(path, "rb", buffering=1 << 20) as stream:  # big reads: fewer syscalls, kinder to network file systems
+        for sample, _ in _grouped(stream, path, read_data=True):
+            yield sample
+
+
+def tar_sample_spans(path: str) -> list[tuple[int, int]]:
+    """Byte range [start, end) of each sample's members (headers included), in file order; data is skipped."""
+    with open(path, "rb") as stream:
+        return [span for _, span in _grouped(stream, path, read_data=False)]
+
+
+def read_tar_sample(stream: BinaryIO, span: tuple[int, int], path: str) -> dict[str, Any]:
+    """The raw sample whose members lie in `span` of the open tar `stream` (from tar_sample_spans)."""
+    stream.seek(span[0])
+    blob = stream.read(span[1] - span[0])
+    samples = [sample for sample, _ in _grouped(io.BytesIO(blob + _END), path, read_data=True)]
+    if len(samples) != 1:
+        raise ValueError(f"{path}: bytes {span[0]}-{span[1]} hold {len(samples)} samples, not one: file changed?")
+    return samples[0]
+
+
+def _grouped(stream: BinaryIO, path: str, read_data: bool) -> Iterator[tuple[dict[str, Any], tuple[int, int]]]:
+    """(raw sample, its byte span) per sample; without read_data the members' bytes are skipped, not read.
+
+    A span starts at the first header of the sample's first member (a pax or GNU long-name header included).
+    """
     sample: dict[str, Any] = {}
     long_name = None  # from a pax or GNU long-name header, for the member that follows it
-    offset = 0
-    with open(path, "rb", buffering=1 << 20) as stream:  # big reads: fewer syscalls, kinder to network file systems
-        while (header := stream.read(_BLOCK)) != _END:
-            if len(header) < _BLOCK:
-                raise ValueError(f"{path}: ends at byte {offset + len(header)} without an end-of-archive block: truncated?")
-            if header[257:262] != b"ustar":
-                raise ValueError(f"{path}: no tar header at byte {offset}")
-            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+    offset = member_start = start = 0
+    extended = False  # a long-name header was read: the member it belongs to starts there
+    while (header := stream.read(_BLOCK)) != _END:
+        if len(header) < _BLOCK:
+            raise ValueError(f"{path}: ends at byte {offset + len(header)} without an end-of-archive block: truncated?")
+        if header[257:262] != b"ustar":
+            raise ValueError(f"{path}: no tar header at byte {offset}")
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        kind = header[156:157]
+        padding = -size % _BLOCK
+        data = None
+        if read_data or kind in (b"x", b"L"):
             data = stream.read(size)
             if len(data) < size:
                 raise ValueError(f"{path}: member at byte {offset} is truncated: {len(data)} of {size} bytes")
-            stream.read(-size % _BLOCK)
-            offset += _BLOCK + size + -size % _BLOCK
-            kind = header[156:157]
-            if kind in (b"x", b"L"):
-                long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode()
-                continue
-            name, long_name = long_name or _header_name(header), None
-            # webdataset's rule: the key is the path up to the first dot of the file name, the rest the suffix.
-            dot = name.find(".", name.rfind("/") + 1)
-            if kind not in (b"0", b"\0") or dot < 0:
-                continue
-            key, suffix = name[:dot], name[dot + 1 :].lower()
-            if sample and key != sample["__key__"]:
-                yield sample
-                sample = {}
-            sample.setdefault("__key__", key)
-            sample.setdefault("__url__", path)
-            if suffix in sample:
-                raise ValueError(f"{path}: sample {key!r} has two {suffix!r} members")
-            sample[suffix] = data
+            stream.read(padding)
+        else:
+            stream.seek(size + padding, io.SEEK_CUR)
+        if not extended:
+            member_start = offset
+        offset += _BLOCK + size + padding
+        extended = kind in (b"x", b"L")
+        if extended:
+            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode()
+            continue
+        name, long_name = long_name or _header_name(header), None
+        # webdataset's rule: the key is the path up to the first dot of the file name, the rest the suffix.
+        dot = name.find(".", name.rfind("/") + 1)
+        if kind not in (b"0", b"\0") or dot < 0:
+            continue
+        key, suffix = name[:dot], name[dot + 1 :].lower()
+        if sample and key != sample["__key__"]:
+            yield sample, (start, member_start)
+            sample = {}
+        if not sample:
+            sample = {"__key__": key, "__url__": path}
+            start = member_start
+        if suffix in sample:
+            raise ValueError(f"{path}: sample {key!r} has two {suffix!r} members")
+        sample[suffix] = data
+        end = offset
     if sample:
-        yield sample
+        yield sample, (start, end)
 
 
 def _header_name(header: bytes) -> str:

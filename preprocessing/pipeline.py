@@ -296,6 +296,9 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
                            f"were not recorded: {shown}. Rerun the same command to process them; finished units are kept.")
 
     audio_info, visual_info = ray.get([audio_pool[0].describe.remote(), visual_pool[0].describe.remote()])
+    # Pretraining draws batches from shards, so its clips are spread over all shards; labeled corpora
+    # are read whole by finetuning and keep their unit order.
+    labeled = any(unit.segments is not None for unit in units)
     manifest = output.finalize(
         max_bytes=cfg.shards.max_bytes,
         max_count=cfg.shards.max_count,
@@ -303,6 +306,7 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
         extractors={"audio": audio_info, "visual": visual_info, "text": _text_info(cfg), "faces": {"name": "mtcnn/facenet-pytorch"}},
         settings={"config": to_dict(cfg), "source": str(source), "corpus_dropped": dict(corpus_dropped),
                   "units": {name: r.__dict__ for name, r in sorted(output.finished_units().items())}},
+        shuffle_seed=None if labeled else cfg.seed,
     )
     if own_cluster:
         ray.shutdown()

@@ -3,25 +3,31 @@
 A unit (one video, one labeled recording) is written to `parts/<unit>.tar` atomically, and its
 outcome appended to `units.jsonl`. A rerun skips every unit already recorded, so a run killed at
 any point and rerun ends with exactly the samples of an uninterrupted run. `finalize` packs the
-parts, sorted by unit name, into shards of the target size and writes manifest.json.
+parts into shards of the target size and writes manifest.json. With a seed, the samples of all parts
+are permuted together (one seeded permutation of every sample, parts taken in unit-name order), so a
+shard, and any batch drawn from it, holds clips of the whole corpus instead of a few consecutive
+videos; packing reads only the finished parts, so it is redone identically after any kill.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
+import numpy as np
 import webdataset as wds
 
-from memobert.schema import Manifest, Utterance, decode, encode, tar_samples
+from memobert.schema import Manifest, Utterance, decode, encode, read_tar_sample, tar_sample_spans, tar_samples
 
 PARTS = "parts"
 UNITS_LOG = "units.jsonl"
 FAILURES = "failures.jsonl"
 SHARD_PATTERN = "shard-%06d.tar"
+OPEN_PARTS = 128  # part files kept open while packing in shuffled order: random reads, bounded descriptors
 
 
 @dataclass
@@ -78,21 +84,51 @@ class ShardOutput:
             f.flush()
             os.fsync(f.fileno())
 
-    def finalize(self, max_bytes: int, max_count: int, dims: dict[str, int], extractors: dict[str, Any], settings: dict[str, Any]) -> Manifest:
-        """Pack all parts (sorted by unit) into shards and write manifest.json."""
+    def finalize(self, max_bytes: int, max_count: int, dims: dict[str, int], extractors: dict[str, Any],
+                 settings: dict[str, Any], shuffle_seed: int | None = None) -> Manifest:
+        """Pack all parts into shards and write manifest.json: in a seeded permutation across all parts, or
+        with shuffle_seed None in unit order (the parts sorted by unit name)."""
         for old in self.folder.glob("shard-*.tar"):
             old.unlink()  # a finalize cut short by a kill leaves partial shards: redo from the parts
+        parts = sorted(self.parts.glob("*.tar"))
         counts: dict[str, int] = {}
         pattern = str(self.folder / SHARD_PATTERN)
         with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, mtime=0.0, verbose=0) as sink:
-            for part in sorted(self.parts.glob("*.tar")):
-                for sample in tar_samples(str(part)):
-                    sink.write(sample)
-                    name = Path(sink.fname).name
-                    counts[name] = counts.get(name, 0) + 1
-        manifest = Manifest(shards=counts, dims=dims, extractors=extractors, settings=settings)
+            for sample in _samples_in_order(parts, shuffle_seed):
+                sink.write(sample)
+                name = Path(sink.fname).name
+                counts[name] = counts.get(name, 0) + 1
+        manifest = Manifest(shards=counts, dims=dims, extractors=extractors,
+                            settings={**settings, "pack": {"shuffled": shuffle_seed is not None, "seed": shuffle_seed}})
         manifest.save(self.folder)
         return manifest
+
+
+def _samples_in_order(parts: list[Path], shuffle_seed: int | None) -> Iterator[dict[str, Any]]:
+    """Raw samples of the parts: in file order, or in one seeded permutation of all of them."""
+    if shuffle_seed is None:
+        for part in parts:
+            yield from tar_samples(str(part))
+        return
+    # Only byte ranges are held (~28 bytes per clip), never samples: the corpus need not fit in memory.
+    spans = [np.asarray(tar_sample_spans(str(part)), dtype=np.int64).reshape(-1, 2) for part in parts]
+    owner = np.repeat(np.arange(len(parts), dtype=np.int32), [len(s) for s in spans])
+    first = np.cumsum([0] + [len(s) for s in spans])
+    files: OrderedDict[int, BinaryIO] = OrderedDict()
+    try:
+        for i in np.random.default_rng(shuffle_seed).permutation(len(owner)):
+            part = int(owner[i])
+            if part in files:
+                files.move_to_end(part)
+            else:
+                if len(files) == OPEN_PARTS:
+                    files.popitem(last=False)[1].close()
+                files[part] = open(parts[part], "rb")
+            start, end = spans[part][i - first[part]]
+            yield read_tar_sample(files[part], (int(start), int(end)), str(parts[part]))
+    finally:
+        for stream in files.values():
+            stream.close()
 
 
 def read_utterances(path: Path) -> Iterator[Utterance]:

@@ -42,15 +42,20 @@ class DataConfig:
     max_visual_len: int = 36
     max_acoustic_len: int = 64
     min_visual_len: int = 10  # clips with fewer visual frames are dropped in pretraining
+    # The authors drop, not truncate, clips with more WordPiece tokens than this (0: keep, truncate to max_text_len).
+    max_text_tokens: int = 30
+    min_words: int = 3  # clips with fewer whitespace-separated words of text are dropped (0: keep all)
     shuffle_buffer: int = 2000
     num_workers: int = 4
+    # Shards each loader worker reads at once in training, interleaved into one shuffle buffer (docs/benchmarks.md).
+    open_shards: int = 4
     bucket_by_length: bool = True
 
     def validate(self) -> None:
-        for key in ("max_text_len", "max_visual_len", "max_acoustic_len"):
+        for key in ("max_text_len", "max_visual_len", "max_acoustic_len", "open_shards"):
             check(getattr(self, key) > 0, key, "must be positive")
-        check(self.min_visual_len >= 0, "min_visual_len", "must be >= 0")
-        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        for key in ("min_visual_len", "max_text_tokens", "min_words", "num_workers"):
+            check(getattr(self, key) >= 0, key, "must be >= 0")
 
 
 @dataclass

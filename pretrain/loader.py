@@ -1,16 +1,21 @@
 """The shard loader: WebDataset tars -> length-bucketed, dynamically padded `Batch`es, one stream per rank.
 
 How a rank's stream is made, and why it resumes exactly:
-- The stream is a sequence of *visits*. Visit v reads one whole shard and is fully determined by
-  (seed, rank, v): its shard, its shuffle order and its bucketing all come from one RNG seeded with them.
-  - infinite (training): the shard is drawn uniformly, with replacement, from all shards (resampling), so
-    no rank ever runs dry and every rank yields exactly as many batches as the trainer asks for.
-  - finite (validation): rank r reads shards r, r + world_size, ... (disjoint) once, in order, and stops
-    after `num_batches`: the smallest rank's batch count, which every rank computes alike from the same
-    shards without communicating, so all ranks run the same number of steps and none waits forever.
+- The stream is a sequence of *visits*. Visit v reads whole shards and is fully determined by
+  (seed, rank, v): its shards, their interleaving, its shuffle order and its bucketing all come from one
+  RNG seeded with them.
+  - infinite (training): a visit reads `open_shards` distinct shards drawn uniformly from all shards,
+    interleaved clip by clip in a random order into one shuffle buffer, so a batch mixes several shards
+    (and, with shards packed across the corpus by preprocessing, clips of the whole corpus). Shards are
+    drawn afresh at every visit (resampling), so no rank ever runs dry and every rank yields exactly as
+    many batches as the trainer asks for.
+  - finite (validation): a visit is one shard; rank r reads shards r, r + world_size, ... (disjoint) once,
+    in order, and stops after `num_batches`: the smallest rank's batch count, which every rank computes
+    alike from the same shards without communicating, so all ranks run the same number of steps and none
+    waits forever.
 - Inside a visit: raw members (memobert.schema.tar_samples: webdataset's sample grouping with a ~10x faster tar reader) ->
-  memobert.schema.decode (never webdataset's .decode()) -> drop clips with fewer than min_visual_len visual
-  frames (counted) -> shuffle buffer -> length bucketing -> pretrain.batch.collate (dynamic padding).
+  memobert.schema.decode (never webdataset's .decode()) -> drop clips the ClipFilter rejects (counted per
+  reason) -> shuffle buffer -> length bucketing -> pretrain.batch.collate (dynamic padding).
   Buffers start empty at every visit, so a visit's batches depend on that visit alone: floor(kept /
   batch_size) of them in training (a random remainder is dropped, so every training batch is full),
   ceil(kept / batch_size) in validation.
@@ -18,11 +23,12 @@ How a rank's stream is made, and why it resumes exactly:
   role = (w + start_step) mod num_workers. The DataLoader takes one batch from each worker in turn, so
   batch t always comes from role t mod num_workers (webdataset's split_by_worker, made resumable).
 - Resume: batch t is a function of (seed, rank, num_workers, batch_size, cfg, the shard list) and nothing
-  else. With start_step = t each role works out, from per-shard counts of kept clips, which visit holds its
-  next batch, starts there and skips the batches before it in that visit without collating them. The counts
-  cost one read of each distinct shard visited before t (cached per process), not a replay of the stream.
-  Change num_workers (0 and 1 are the same), batch_size, the shards or the filter and the resumed stream is
-  a different, still deterministic one: nothing is replayed on purpose, but the exact continuation is lost.
+  else. With start_step = t each role works out, from per-shard counts of kept clips (exact: the filter is
+  a pure function of the clip), which visit holds its next batch, starts there and skips the batches before
+  it in that visit without collating them. The counts cost one read of each distinct shard visited before t
+  (cached per process), not a replay of the stream. Change num_workers (0 and 1 are the same), open_shards,
+  batch_size, the shards or the filters and the resumed stream is a different, still deterministic one:
+  nothing is replayed on purpose, but the exact continuation is lost.
 - Errors: a damaged tar or an undecodable sample raises ShardError naming the file and the sample; nothing
   is skipped silently, so batch counts and resume positions stay exact.
 """
@@ -35,7 +41,9 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -51,6 +59,7 @@ T = TypeVar("T")
 
 # Bucketing sorts pools of this many batches by length: bigger pools pad less but make batches more uniform.
 POOL_BATCHES = 8
+DROP_REASONS = ("text_words", "text_tokens", "visual_frames")  # ClipFilter.reason's answers, in its order
 
 
 class ShardError(RuntimeError):
@@ -108,14 +117,41 @@ def read_shard(path: str) -> Iterator[Utterance]:
         yield utt
 
 
-def kept_count(path: str, min_visual_len: int) -> int:
-    """Clips of a shard with at least min_visual_len visual frames (one read per process and file version)."""
-    return _kept_count(path, min_visual_len, os.stat(path).st_mtime_ns)
+@dataclass(frozen=True)
+class ClipFilter:
+    """Which clips pretraining drops, and why: the authors' text filters and our visual-length one."""
+
+    min_visual_len: int
+    max_text_tokens: int  # 0: no limit
+    min_words: int
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> ClipFilter:
+        return cls(cfg.min_visual_len, cfg.max_text_tokens, cfg.min_words)
+
+    def reason(self, utt: Utterance) -> str | None:
+        """Why the clip is dropped (the first failing rule, in a fixed order), or None to keep it."""
+        if len(str(utt.meta.get("text", "")).split()) < self.min_words:
+            return "text_words"
+        if self.max_text_tokens and len(utt.tokens) > self.max_text_tokens:
+            return "text_tokens"
+        if utt.visual.shape[0] < self.min_visual_len:
+            return "visual_frames"
+        return None
+
+    def describe(self) -> str:
+        return (f"min_visual_len={self.min_visual_len}, max_text_tokens={self.max_text_tokens}, "
+                f"min_words={self.min_words}")
+
+
+def kept_count(path: str, clip_filter: ClipFilter) -> int:
+    """Clips of a shard that the filter keeps (one read per process, file version and filter)."""
+    return _kept_count(path, clip_filter, os.stat(path).st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=None)
-def _kept_count(path: str, min_visual_len: int, mtime_ns: int) -> int:
-    return sum(utt.visual.shape[0] >= min_visual_len for utt in read_shard(path))
+def _kept_count(path: str, clip_filter: ClipFilter, mtime_ns: int) -> int:
+    return sum(clip_filter.reason(utt) is None for utt in read_shard(path))
 
 
 def padded_share(batch: Batch) -> float:
@@ -125,7 +161,7 @@ def padded_share(batch: Batch) -> float:
 
 
 class RankStream(IterableDataset):
-    """One rank's batch stream (see the module docstring); yields (Batch, clips dropped since the last batch)."""
+    """One rank's batch stream (see the module docstring); yields (Batch, clips dropped since the last batch, by reason)."""
 
     def __init__(
         self,
@@ -144,32 +180,33 @@ class RankStream(IterableDataset):
         self.paths, self.cfg, self.batch_size, self.rank, self.seed = paths, cfg, batch_size, rank, seed
         self.cls_id, self.sep_id, self.label_key, self.infinite = cls_id, sep_id, label_key, infinite
         self.start_step = start_step
+        self.clip_filter = ClipFilter.of(cfg)
         self.num_roles = max(1, cfg.num_workers)
         # Worked out once, here in the main process: workers need only the result.
         self.starts = [self._role_start(role) for role in range(self.num_roles)]
-        self._dropped = 0
+        self._dropped: Counter[str] = Counter()
 
-    def __iter__(self) -> Iterator[tuple[Batch, int]]:
+    def __iter__(self) -> Iterator[tuple[Batch, dict[str, int]]]:
         info = get_worker_info()
         role = ((info.id if info else 0) + self.start_step) % self.num_roles
         visit, skip = self.starts[role]
-        self._dropped = 0
+        self._dropped = Counter()
         fruitless: set[str] = set()
         while self.infinite or visit < len(self.paths):
-            path, rng = self._visit(visit)
+            paths, rng = self._visit(visit)
             produced = 0
-            for utts in self._batches(path, rng):
+            for utts in self._batches(paths, rng):
                 if produced >= skip:
                     yield self._collate(utts), self._take_dropped()
                 produced += 1
             if produced == 0 and self.infinite:
-                fruitless.add(path)
+                fruitless.update(paths)
                 self._check_fruitless(fruitless)
             visit, skip = visit + self.num_roles, 0
 
     def visit_len(self, visit: int) -> int:
-        """Batches that a visit yields, from the kept count of its shard."""
-        kept = kept_count(self._visit(visit)[0], self.cfg.min_visual_len)
+        """Batches that a visit yields, from the kept counts of its shards."""
+        kept = sum(kept_count(path, self.clip_filter) for path in self._visit(visit)[0])
         return kept // self.batch_size if self.infinite else math.ceil(kept / self.batch_size)
 
     def _role_start(self, role: int) -> tuple[int, int]:
@@ -178,7 +215,7 @@ class RankStream(IterableDataset):
         visit, fruitless = role, set()
         while todo > 0 and todo >= (n := self.visit_len(visit)):  # todo == 0 reads no shard
             if n == 0:
-                fruitless.add(self._visit(visit)[0])
+                fruitless.update(self._visit(visit)[0])
                 self._check_fruitless(fruitless)
             todo -= n
             visit += self.num_roles
@@ -188,21 +225,23 @@ class RankStream(IterableDataset):
         # Without this, a stream where no shard fills a batch would spin forever instead of failing.
         if len(fruitless) == len(self.paths):
             raise ShardError(
-                f"no shard has {self.batch_size} clips with >= {self.cfg.min_visual_len} visual frames "
-                f"(min_visual_len): the stream would never yield a batch"
+                f"no shard has {self.batch_size} clips that pass the filters ({self.clip_filter.describe()}), "
+                f"not even {self.cfg.open_shards} together (open_shards): the stream would never yield a batch"
             )
 
-    def _visit(self, visit: int) -> tuple[str, random.Random]:
+    def _visit(self, visit: int) -> tuple[list[str], random.Random]:
         # A string seed is hashed with SHA-512: the same on every machine and Python run.
         rng = random.Random(f"{self.seed}/{self.rank}/{visit}")
-        return (self.paths[rng.randrange(len(self.paths))] if self.infinite else self.paths[visit]), rng
+        if not self.infinite:
+            return [self.paths[visit]], rng
+        return rng.sample(self.paths, min(self.cfg.open_shards, len(self.paths))), rng
 
-    def _batches(self, path: str, rng: random.Random) -> Iterator[list[Utterance]]:
-        """The visit's batches of utterances: filter, shuffle buffer, then pools split into batches."""
+    def _batches(self, paths: list[str], rng: random.Random) -> Iterator[list[Utterance]]:
+        """The visit's batches of utterances: interleave, filter, shuffle buffer, then pools split into batches."""
         size = self.batch_size
         pool_size = size * (POOL_BATCHES if self.cfg.bucket_by_length else 1)
         pool: list[Utterance] = []
-        for utt in _shuffle(self._kept(read_shard(path)), max(1, self.cfg.shuffle_buffer), rng):
+        for utt in _shuffle(self._kept(_interleave(paths, rng)), max(1, self.cfg.shuffle_buffer), rng):
             pool.append(utt)
             if len(pool) == pool_size:
                 yield from self._split(pool, rng)
@@ -229,13 +268,14 @@ class RankStream(IterableDataset):
 
     def _kept(self, utts: Iterator[Utterance]) -> Iterator[Utterance]:
         for utt in utts:
-            if utt.visual.shape[0] >= self.cfg.min_visual_len:
+            reason = self.clip_filter.reason(utt)
+            if reason is None:
                 yield utt
             else:
-                self._dropped += 1
+                self._dropped[reason] += 1
 
-    def _take_dropped(self) -> int:
-        dropped, self._dropped = self._dropped, 0
+    def _take_dropped(self) -> dict[str, int]:
+        dropped, self._dropped = dict(self._dropped), Counter()
         return dropped
 
     def _collate(self, utts: list[Utterance]) -> Batch:
@@ -243,6 +283,18 @@ class RankStream(IterableDataset):
         return collate(
             utts, self.cls_id, self.sep_id, cfg.max_text_len, cfg.max_visual_len, cfg.max_acoustic_len, self.label_key
         )
+
+
+def _interleave(paths: list[str], rng: random.Random) -> Iterator[Utterance]:
+    """The clips of all shards, each next clip taken from a shard chosen at random among those not yet ended."""
+    streams = [read_shard(path) for path in paths]
+    while streams:
+        i = rng.randrange(len(streams))
+        utt = next(streams[i], None)
+        if utt is None:
+            streams.pop(i)
+        else:
+            yield utt
 
 
 def _shuffle(items: Iterator[T], size: int, rng: random.Random) -> Iterator[T]:
@@ -263,9 +315,9 @@ class TimedLoader:
     """Iterates a rank's Batches and records how long each one was waited for, and how many clips were dropped.
 
     last_wait_s: the wait for the latest batch; total_wait_s and batches: sums since iteration began
-    (data-wait % = total_wait_s / elapsed). dropped: clips with fewer than min_visual_len visual frames in
-    the shard data read for the batches yielded so far. num_batches: None for an infinite stream, else the
-    count every rank yields.
+    (data-wait % = total_wait_s / elapsed). dropped_by_reason: clips the ClipFilter dropped in the shard
+    data read for the batches yielded so far, per reason (text_words, text_tokens, visual_frames); dropped:
+    their sum. num_batches: None for an infinite stream, else the count every rank yields.
     """
 
     def __init__(self, loader: DataLoader, num_batches: int | None) -> None:
@@ -274,7 +326,15 @@ class TimedLoader:
         self.last_wait_s = 0.0
         self.total_wait_s = 0.0
         self.batches = 0
-        self.dropped = 0
+        self.dropped_by_reason: Counter[str] = Counter()
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.dropped_by_reason.values())
+
+    def drop_metrics(self) -> dict[str, int]:
+        """Clips dropped so far, one metric per reason ("dropped/text_words", ...), every reason present."""
+        return {f"dropped/{reason}": self.dropped_by_reason[reason] for reason in DROP_REASONS}
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -283,7 +343,8 @@ class TimedLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self.last_wait_s = self.total_wait_s = 0.0
-        self.batches = self.dropped = 0
+        self.batches = 0
+        self.dropped_by_reason = Counter()
         items = iter(self.loader)
         while self.num_batches is None or self.batches < self.num_batches:
             start = time.perf_counter()
@@ -294,7 +355,7 @@ class TimedLoader:
             batch, dropped = item
             self.total_wait_s += self.last_wait_s
             self.batches += 1
-            self.dropped += dropped
+            self.dropped_by_reason.update(dropped)
             yield batch
 
 
@@ -330,14 +391,15 @@ def build_loader(
     if not infinite:
         if len(paths) < world_size:
             raise ValueError(f"{len(paths)} shards in {source!r} for {world_size} ranks: every rank needs a shard")
+        clip_filter = ClipFilter.of(cfg)
         per_rank = [
-            sum(math.ceil(kept_count(p, cfg.min_visual_len) / batch_size) for p in paths[r::world_size])
+            sum(math.ceil(kept_count(p, clip_filter) / batch_size) for p in paths[r::world_size])
             for r in range(world_size)
         ]
         num_batches = min(per_rank)
         if num_batches == 0:
             empty = per_rank.index(0)
-            raise ValueError(f"rank {empty} has no clip with >= {cfg.min_visual_len} visual frames in {source!r}")
+            raise ValueError(f"rank {empty} has no clip that passes the filters ({clip_filter.describe()}) in {source!r}")
         paths = paths[rank::world_size]
     stream = RankStream(
         paths,

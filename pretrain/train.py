@@ -170,6 +170,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 data_wait_pct=100.0 * window_wait / max(elapsed, 1e-9),
                 nonfinite_skipped=nonfinite_total,
             )
+            last_metrics.update(loader.drop_metrics())  # clips the filters dropped on this rank, per reason
             if use_cuda:
                 last_metrics["max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if peak:

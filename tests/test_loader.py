@@ -8,15 +8,18 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from helpers import write_tiny_shards
 
-from memobert.schema import Utterance, encode, tar_samples
+from memobert.config import ConfigError, load_config
+from memobert.schema import Manifest, Utterance, encode, read_tar_sample, tar_sample_spans, tar_samples
 from pretrain.batch import Batch
-from pretrain.config import DataConfig
+from pretrain.config import DataConfig, PretrainConfig
 from pretrain.loader import (
+    ClipFilter,
     ShardError,
     build_loader,
     count_samples,
@@ -115,7 +118,7 @@ def test_resampled_mode_yields_exactly_n_full_batches_on_every_rank(shards: Path
 
 
 def test_shapes_and_max_lengths(shards: Path) -> None:
-    cfg = _cfg(min_visual_len=0)
+    cfg = _cfg(min_visual_len=0, max_text_tokens=0, min_words=0)  # no filter: truncation applies
     batches = list(_loader(shards, cfg, infinite=False))
     assert sum(b.size for b in batches) == N_SAMPLES
     for b in batches:
@@ -135,15 +138,53 @@ def test_shapes_and_max_lengths(shards: Path) -> None:
     assert max(b.acoustic.shape[1] for b in batches) == cfg.max_acoustic_len
 
 
-def test_min_visual_len_filter_drops_and_counts(shards: Path) -> None:
-    cfg = _cfg(min_visual_len=10)
-    short = sum(utt.visual.shape[0] < 10 for path in shard_paths(shards) for utt in read_shard(path))
-    assert 0 < short < N_SAMPLES
-    loader = _loader(shards, cfg, infinite=False)
+def test_filters_drop_and_count_each_reason(shards: Path) -> None:
+    utts = [utt for path in shard_paths(shards) for utt in read_shard(path)]
+    few_words = [len(u.meta["text"].split()) < 3 for u in utts]
+    long_text = [len(u.tokens) > 30 and not w for u, w in zip(utts, few_words)]
+    short_visual = [u.visual.shape[0] < 10 and not (w or t) for u, w, t in zip(utts, few_words, long_text)]
+    expected = {"text_words": sum(few_words), "text_tokens": sum(long_text), "visual_frames": sum(short_visual)}
+    assert all(0 < n < N_SAMPLES for n in expected.values()), expected
+    loader = _loader(shards, _cfg(), infinite=False)  # the defaults: the authors' text filters, min_visual_len 10
     batches = list(loader)
-    assert sum(b.size for b in batches) == N_SAMPLES - short
-    assert loader.dropped == short
+    assert sum(b.size for b in batches) == N_SAMPLES - sum(expected.values())
+    assert loader.dropped_by_reason == expected and loader.dropped == sum(expected.values())
+    assert loader.drop_metrics() == {f"dropped/{reason}": n for reason, n in expected.items()}
     assert all(int(b.visual_mask.sum(1).min()) >= 10 for b in batches)
+    assert all(int(b.text_mask.sum(1).max()) <= 30 + 2 for b in batches)
+
+
+def test_filter_defaults_are_the_authors_and_bad_values_name_the_key() -> None:
+    data = load_config(PretrainConfig).data
+    assert (data.max_text_tokens, data.min_words, data.min_visual_len, data.open_shards) == (30, 3, 10, 4)
+    for key, bad in (("max_text_tokens", -1), ("min_words", -1), ("open_shards", 0)):
+        with pytest.raises(ConfigError, match=key):
+            load_config(PretrainConfig, overrides=[f"data.{key}={bad}"])
+
+
+def _clip(key: str, text: str, n_tokens: int, n_visual: int) -> Utterance:
+    return Utterance(key=key, meta={"id": key, "text": text}, tokens=np.arange(5, 5 + n_tokens, dtype=np.int32),
+                     words=np.arange(n_tokens, dtype=np.int32), audio=np.zeros((3, 16), np.float16),
+                     visual=np.zeros((n_visual, 12), np.float16), vprob=np.full((n_visual, 8), 1 / 8, np.float16))
+
+
+def test_hand_made_clips_are_dropped_for_the_right_reason(tmp_path: Path) -> None:
+    clips = (
+        [_clip(f"ok{i}", "one two three", 30, 10) for i in range(BATCH)]  # at every limit: kept
+        + [_clip("w0", "", 3, 20), _clip("w2", "two words", 3, 20), _clip("w2t", "two words!", 40, 0)]
+        + [_clip(f"t{i}", "a long line of text", 31, 20) for i in range(2)]
+        + [_clip("v", "one two three", 3, 9)]
+    )
+    with wds.TarWriter(str(tmp_path / "clips.tar")) as sink:
+        for clip in clips:
+            sink.write(encode(clip))
+    Manifest(shards={"clips.tar": len(clips)}, dims={}, extractors={}, settings={}).save(tmp_path)
+    loader = _loader(tmp_path, _cfg(), infinite=False)
+    kept = [row for b in loader for row in _fingerprints(b)]
+    assert len(kept) == BATCH and loader.dropped_by_reason == {"text_words": 3, "text_tokens": 2, "visual_frames": 1}
+    assert ClipFilter.of(_cfg()).reason(clips[-1]) == "visual_frames"
+    everything = _loader(tmp_path, _cfg(min_visual_len=0, max_text_tokens=0, min_words=0), infinite=False)
+    assert sum(b.size for b in everything) == len(clips) and everything.dropped == 0
 
 
 def test_bucketing_pads_less_than_plain_batching(shards: Path) -> None:
@@ -161,13 +202,27 @@ def test_same_seed_same_batches_other_seed_other_batches(shards: Path) -> None:
     assert not _same(first, _take(_loader(shards, seed=4), 20))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_start_step_continues_the_same_stream(shards: Path, num_workers: int) -> None:
-    cfg = _cfg(num_workers=num_workers)
+@pytest.mark.parametrize(("num_workers", "open_shards"), [(0, 1), (0, 3), (2, 4)])
+def test_start_step_continues_the_same_stream(shards: Path, num_workers: int, open_shards: int) -> None:
+    cfg = _cfg(num_workers=num_workers, open_shards=open_shards)
     start, more = 13, 12  # 13 crosses several visits and is not a multiple of the worker count
     continued = _take(_loader(shards, cfg), start + more)[start:]
     resumed = _loader(shards, cfg, start_step=start)
     assert _same(_take(resumed, more), continued)
+
+
+def test_training_batches_mix_the_open_shards(shards: Path) -> None:
+    cfg = _cfg(min_visual_len=0, max_text_tokens=0, min_words=0)
+    owner = {_utt_fingerprint(utt, cfg): path for path in shard_paths(shards) for utt in read_shard(path)}
+    assert len(owner) == N_SAMPLES
+
+    def shards_per_batch(open_shards: int) -> list[int]:
+        batches = _take(_loader(shards, _cfg(min_visual_len=0, max_text_tokens=0, min_words=0, open_shards=open_shards)), 30)
+        return [len({owner[fp] for fp in _fingerprints(b)}) for b in batches]
+
+    assert set(shards_per_batch(1)) == {1}  # one shard per visit: every batch from a single shard
+    mixed = shards_per_batch(3)
+    assert max(mixed) == 3 and sum(mixed) / len(mixed) > 2
 
 
 def test_two_workers_yield_full_batches_and_report_drops(shards: Path) -> None:
@@ -199,6 +254,8 @@ def test_tar_reader_groups_samples_as_webdataset_does(shards: Path, tmp_path: Pa
     theirs = [{k: v for k, v in s.items() if k != "__local_path__"} for s in theirs]
     assert ours == theirs and len(ours) == 3 and ours[0]["__key__"].startswith(folder + "/")
     assert [s["__key__"].split("/")[-1] for s in ours] == [s["__key__"] for s in samples]
+    with path.open("rb") as stream:  # what the shuffled pack reads: each sample alone, from its byte range
+        assert [read_tar_sample(stream, span, str(path)) for span in reversed(tar_sample_spans(str(path)))] == ours[::-1]
 
 
 def test_a_damaged_tar_names_the_file(shards: Path, tmp_path: Path) -> None:

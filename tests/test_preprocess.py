@@ -72,6 +72,10 @@ def test_movies_schema_counts_and_active_speaker(movies: dict[str, Path], synth_
     assert manifest.extractors["text"]["vocab"] and manifest.extractors["audio"]["sha256"]
     samples = _samples(movies["out"])
     assert len({u.key for u in samples}) == len(samples) == manifest.num_samples
+    # Unit order is the keys' order; the shards hold one permutation of it, seeded by the config's seed (0).
+    keys = [u.key for u in samples]
+    assert manifest.settings["pack"] == {"shuffled": True, "seed": 0}
+    assert keys == [sorted(keys)[i] for i in np.random.default_rng(0).permutation(len(keys))]
 
     truth = {name: json.loads((synth_corpus / "ground_truth/movies" / f"{name}.json").read_text()) for name in MOVIES}
     kept = {f"{name}_{i:04d}": cue for name, gt in truth.items()
@@ -157,6 +161,7 @@ def test_labeled_iemocap_session(synth_corpus: Path, tmp_path: Path) -> None:
     _preprocess(root, out, "--config", str(REPO / "configs/preprocess/labeled.yaml"))
     samples = {u.key: u for u in _samples(out)}
     assert set(samples) == {s.key for s in segments}  # labeled corpora keep every utterance
+    assert Manifest.load(out).settings["pack"] == {"shuffled": False, "seed": None}  # and their unit order
     for seg in segments:
         meta = samples[seg.key].meta
         assert (meta["label"], meta["speaker"], meta["session"], meta["text"]) == (seg.label, seg.speaker, 1, seg.text)

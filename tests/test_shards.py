@@ -63,7 +63,10 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path: Path) -> None:
         f.write('{"unit": "d", "sta')  # a record cut by SIGKILL mid-write
     (cut.parts / ".d.tar.tmp").write_bytes(b"partial")  # an unfinished part
     assert set(cut.finished_units()) == {"a", "broken", "c"}
-    _write_run(tmp_path / "cut", units).finalize(max_bytes=10_000, max_count=4, dims={"audio": 16}, extractors={}, settings={})
+    rerun = _write_run(tmp_path / "cut", units)
+    rerun.finalize(max_bytes=10_000, max_count=4, dims={"audio": 16}, extractors={}, settings={})
+    (rerun.folder / "shard-000001.tar").write_bytes(b"cut short")  # a pack killed midway: finalize redoes it
+    rerun.finalize(max_bytes=10_000, max_count=4, dims={"audio": 16}, extractors={}, settings={})
 
     def digest(folder: Path) -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("shard-*.tar"))}
@@ -72,9 +75,35 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path: Path) -> None:
     manifest = Manifest.load(tmp_path / "cut")
     assert manifest.num_samples == 12 and manifest.shards == {"shard-000000.tar": 4, "shard-000001.tar": 4, "shard-000002.tar": 4}
     keys = [u.key for shard in manifest.shard_paths(tmp_path / "cut") for u in read_utterances(Path(shard))]
-    assert keys == sorted(keys) and len(set(keys)) == 12  # no duplicates, no unit lost
+    assert keys == sorted(keys) and len(set(keys)) == 12  # unit order without a seed; no duplicates, no unit lost
     failures = (tmp_path / "cut" / "failures.jsonl").read_text()
     assert len(failures.splitlines()) == 1 and "cannot open broken.mp4" in failures  # recorded once, not retried
+
+
+def _pack(folder: Path, units: list[str], seed: int | None, kill_after: int | None = None) -> list[str]:
+    out = _write_run(folder, units, kill_after)
+    if kill_after is None:
+        out.finalize(max_bytes=10**6, max_count=6, dims={"audio": 16}, extractors={}, settings={}, shuffle_seed=seed)
+    return [u.key for shard in sorted(folder.glob("shard-*.tar")) for u in read_utterances(shard)]
+
+
+def test_a_seed_permutes_samples_across_all_units(tmp_path: Path) -> None:
+    units = [f"movie{i}" for i in range(8)]  # 3 samples each, 6 per shard
+    in_order = _pack(tmp_path / "plain", units, seed=None)
+    shuffled = _pack(tmp_path / "seed0", units, seed=0)
+    assert shuffled == [in_order[i] for i in np.random.default_rng(0).permutation(len(in_order))]
+    assert shuffled == _pack(tmp_path / "again", units, seed=0)
+    assert shuffled != _pack(tmp_path / "seed1", units, seed=1) and sorted(shuffled) == sorted(in_order)
+    unit_of = lambda key: key.rsplit("_", 1)[0]  # noqa: E731
+    shards = [shuffled[i : i + 6] for i in range(0, len(shuffled), 6)]
+    assert all(len({unit_of(k) for k in in_order[i : i + 6]}) == 2 for i in range(0, len(in_order), 6))
+    assert min(len({unit_of(k) for k in shard}) for shard in shards) >= 4  # unit order packs 2 units per shard
+    assert Manifest.load(tmp_path / "seed0").settings["pack"] == {"shuffled": True, "seed": 0}
+
+    _pack(tmp_path / "killed", units, seed=0, kill_after=5)  # killed after 5 units, then rerun
+    assert _pack(tmp_path / "killed", units, seed=0) == shuffled
+    digests = [{p.name: p.read_bytes() for p in (tmp_path / name).glob("shard-*.tar")} for name in ("seed0", "killed")]
+    assert digests[0] == digests[1]
 
 
 def test_damaged_tars_and_samples_name_the_file(tmp_path: Path) -> None:
