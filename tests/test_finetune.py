@@ -21,7 +21,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from finetune.config import PAPER_SETTINGS, FinetuneConfig, TrainConfig
 from finetune.counts import IEMOCAP_RELEASE_TOTAL, log_counts, release_total
-from finetune.data import MODALITY_SUBSETS, FoldData, batches, feature_dims, keep_modalities, load_utterances, split_fold
+from finetune.data import MODALITY_SUBSETS, batches, feature_dims, keep_modalities, load_utterances, split_fold
 from finetune.metrics import NOT_A_CLASS, scores
 from finetune.prompt import Template, insert_template, label_word_scores, vocab_predictions
 from finetune.protocols import CLASSES, folds_for, iemocap_folds, msp_improv_folds
