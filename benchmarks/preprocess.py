@@ -275,7 +275,7 @@ def stage_breakdown(source: Path, cfg: PreprocessConfig) -> tuple[int, float, Co
                     wave = _read_audio(seg, track, cfg.segment.max_seconds)
                     end = min(seg.end, seg.start + cfg.segment.max_seconds)
                     result = speaker_mod.speaker_face_crops(reader, seg.start, end, wave, cfg.face, cfg.speaker, detector)
-                    if result.reason_if_dropped and cfg.shards.missing_modality == "drop":
+                    if result.reason_if_dropped and cfg.shards.drops_faceless(labeled=False):
                         continue
                     prepared.append((seg, wave, result))
                 if not prepared:

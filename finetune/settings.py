@@ -2,7 +2,7 @@
 loss(batch) -> scalar, and optionally a fit-time hook (FitsOnData).
 
 direct             MEmoBERT from random init (the checkpoint's shape, else the flavor's) + a new classifier
-bert_direct        MEmoBERT initialised from a text BERT (ModelConfig.init_from) + a new classifier
+bert_direct        MEmoBERT initialised from a text BERT (model.bert_folder) + a new classifier
 pretrain_finetune  the pretrained MEmoBERT + a new classifier on [CLS]
 pretrain_prompt    the pretrained MEmoBERT through its MLM head (finetune/prompt.py), no new parameters
 mfn                the Memory Fusion Network baseline (finetune/baselines/mfn.py)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,14 +23,14 @@ from transformers import BertConfig
 
 from finetune.baselines import build_baseline
 from finetune.baselines.inputs import BatchSource
-from finetune.config import BASELINE_SETTINGS, PRETRAINED_SETTINGS, FinetuneConfig
+from finetune.config import BASELINE_SETTINGS, PRETRAINED_SETTINGS, FinetuneConfig, text_bert_folder
 from finetune.prompt import PromptModel, Template
 from finetune.protocols import CLASSES
 from memobert.config import ConfigError
 from pretrain.batch import Batch
 from pretrain.config import ModelConfig
-from pretrain.model import ClassificationHead, MEmoBERT
-from preprocessing.text import TextTokenizer, default_vocab_folder
+from pretrain.model import MEmoBERT
+from preprocessing.text import TextTokenizer
 
 
 @runtime_checkable
@@ -40,16 +41,28 @@ class FitsOnData(Protocol):
         """Fit what training needs (statistics, maps, thresholds); returns what to record in the run's JSON."""
 
 
+class ClassifierHead(nn.Module):
+    """The authors' head on [CLS]: BERT's pooler (Linear + tanh), dropout, then Linear(h, 2h)-GELU-LayerNorm-Linear."""
+
+    def __init__(self, hidden: int, num_classes: int, dropout: float, eps: float) -> None:
+        super().__init__()
+        self.pooler = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.LayerNorm(2 * hidden, eps=eps),
+                                    nn.Linear(2 * hidden, num_classes))
+
+    def forward(self, cls: Tensor) -> Tensor:
+        return self.output(self.dropout(self.pooler(cls)))
+
+
 class ClassifierModel(nn.Module):
-    """MEmoBERT + the authors' head on [CLS]: dropout, FC-GELU-LayerNorm-FC."""
+    """MEmoBERT + the authors' classifier head on [CLS] (ClassifierHead)."""
 
     def __init__(self, backbone: MEmoBERT, num_classes: int, dropout: float) -> None:
         super().__init__()
         self.backbone = backbone
         config = backbone.config
-        # Dropout on the [CLS] input, as BERT's own classifiers do.
-        head = ClassificationHead(config.hidden_size, num_classes, config.layer_norm_eps)
-        self.head = nn.Sequential(nn.Dropout(dropout), head)
+        self.head = ClassifierHead(config.hidden_size, num_classes, dropout, config.layer_norm_eps)
         self.head.apply(backbone._init_new)
 
     def forward(self, batch: Batch) -> Tensor:
@@ -57,6 +70,27 @@ class ClassifierModel(nn.Module):
 
     def loss(self, batch: Batch) -> Tensor:
         return F.cross_entropy(self(batch), batch.labels)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One setting's optimisation: peak lr, optimizer steps (the lr is 0 at the last), linear warm-up steps."""
+
+    lr: float
+    steps: int
+    warmup_steps: int
+
+
+def schedule_for(setting: str, cfg: FinetuneConfig) -> Schedule:
+    """The authors' per-setting values: prompt lr and warm-up for pretrain_prompt, more steps for direct."""
+    train = cfg.train
+    if setting == "pretrain_prompt":
+        return Schedule(cfg.prompt.lr, train.steps, cfg.prompt.warmup_steps)
+    if setting == "direct":
+        return Schedule(train.lr, train.direct_steps, train.warmup_steps)
+    if setting in BASELINE_SETTINGS:  # trained from scratch at an Adam-range rate (mfn.lr)
+        return Schedule(cfg.mfn.lr, train.steps, train.warmup_steps)
+    return Schedule(train.lr, train.steps, train.warmup_steps)
 
 
 def build_model(
@@ -81,7 +115,7 @@ def build_model(
         else:
             backbone = MEmoBERT.from_config(ModelConfig(flavor=cfg.model.flavor, **dims), vocab_size=tokenizer.vocab_size)
     elif setting == "bert_direct":
-        folder = cfg.model.bert_folder or default_vocab_folder()
+        folder = text_bert_folder(cfg.model.bert_folder)
         backbone = MEmoBERT.from_config(ModelConfig(init_from=folder, **dims), vocab_size=tokenizer.vocab_size)
     elif setting in PRETRAINED_SETTINGS:
         if pretrained is None:
@@ -92,16 +126,16 @@ def build_model(
     if setting == "pretrain_prompt":
         template = Template.from_text(cfg.prompt.template, tokenizer, cfg.prompt.position)
         label_ids = tokenizer.label_word_ids(list(cfg.prompt.label_words))
-        return PromptModel(backbone, template, label_ids, cfg.data.max_text_len, cfg.prompt.loss)
+        return PromptModel(backbone, template, label_ids, cfg.data.max_text_len, cfg.prompt.loss, cfg.prompt.scoring)
     return ClassifierModel(backbone, len(CLASSES), cfg.model.classifier_dropout)
 
 
 def text_model(setting: str, cfg: FinetuneConfig) -> dict[str, Any] | None:
     """The text BERT a setting starts from (bert_direct's weights, the baselines' word embeddings), else None."""
     if setting == "bert_direct":
-        folder = cfg.model.bert_folder or default_vocab_folder()
+        folder = text_bert_folder(cfg.model.bert_folder)
     elif setting in BASELINE_SETTINGS:
-        folder = cfg.mfn.word_embeddings or default_vocab_folder()
+        folder = text_bert_folder(cfg.mfn.word_embeddings)
     else:
         return None
     path = Path(folder) / "config.json"
@@ -110,11 +144,6 @@ def text_model(setting: str, cfg: FinetuneConfig) -> dict[str, Any] | None:
     name = Path(config.get("_name_or_path") or folder).name
     return {"folder": str(folder), "name": name, "layers": config.get("num_hidden_layers"),
             "hidden": config.get("hidden_size")}
-
-
-def learning_rate(setting: str, cfg: FinetuneConfig) -> float:
-    """The baselines train from scratch at mfn.lr; the BERT settings finetune at train.lr."""
-    return cfg.mfn.lr if setting in BASELINE_SETTINGS else cfg.train.lr
 
 
 def check_dims(model: MEmoBERT, dims: dict[str, int]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from finetune.protocols import CLASSES, iemocap_speaker, msp_improv_speaker
@@ -107,7 +108,7 @@ def load_msp_improv(root: str | Path, transcripts: str | Path | None = None) -> 
     (beside each recording, as in the synthetic corpus).
     """
     root = Path(root)
-    evaluation = next((root / n for n in MSP_EVALUATION if (root / n).is_file()), None)
+    evaluation = msp_improv_evaluation(root)
     if evaluation is None:
         raise CorpusError(f"{root}: no MSP-IMPROV {' or '.join(MSP_EVALUATION)}")
     videos = _index(root, ".avi")
@@ -115,18 +116,7 @@ def load_msp_improv(root: str | Path, transcripts: str | Path | None = None) -> 
     texts = _msp_transcripts(root, transcripts)
     segments: list[Segment] = []
     drops: Counter[str] = Counter()
-    seen: set[str] = set()
-    for line in _read_lines(evaluation):
-        fields = [f.strip() for f in line.split(";")]
-        parts = Path(fields[0]).stem.split("-")
-        # Records look like "UTD-IMPROV-S01A-F01-S-FM01.avi; A; A:..; V:..; D:..;" - anything else is skipped.
-        if len(fields) < 2 or len(parts) != 6 or parts[1] != "IMPROV" or not re.fullmatch(r"[FM]\d\d", parts[3]):
-            continue
-        name = "-".join(["MSP", *parts[1:]])  # on disk the recordings carry the MSP- prefix
-        if name in seen:
-            continue
-        seen.add(name)
-        code = fields[1].upper()
+    for name, parts, code in msp_improv_records(evaluation):
         reason = _first_failed((parts[4] == "S", f"type:{parts[4]}"), (code in MSP_IMPROV_LABELS, f"label:{code}"),
                                (name in videos, "missing_video"), (name in texts, "missing_transcript"))
         if reason:
@@ -143,6 +133,34 @@ def load_msp_improv(root: str | Path, transcripts: str | Path | None = None) -> 
             label=CLASSES.index(MSP_IMPROV_LABELS[code]), speaker=msp_improv_speaker(session, parts[3][0]),
             session=session, audio_path=str(wav) if wav else None))
     return segments, drops
+
+
+def msp_improv_evaluation(root: Path) -> Path | None:
+    """The release's Evaluation.txt (or its misspelt twin) under root, None when there is none."""
+    return next((root / n for n in MSP_EVALUATION if (root / n).is_file()), None)
+
+
+def msp_improv_records(evaluation: Path) -> Iterator[tuple[str, list[str], str]]:
+    """(recording name with the MSP- prefix, its dash fields, label code) of each distinct record of Evaluation.txt."""
+    seen: set[str] = set()
+    for line in _read_lines(evaluation):
+        fields = [f.strip() for f in line.split(";")]
+        parts = Path(fields[0]).stem.split("-")
+        # Records look like "UTD-IMPROV-S01A-F01-S-FM01.avi; A; A:..; V:..; D:..;" - anything else is skipped.
+        if len(fields) < 2 or len(parts) != 6 or parts[1] != "IMPROV" or not re.fullmatch(r"[FM]\d\d", parts[3]):
+            continue
+        name = "-".join(["MSP", *parts[1:]])  # on disk the recordings carry the MSP- prefix
+        if name not in seen:
+            seen.add(name)
+            yield name, parts, fields[1].upper()
+
+
+def msp_improv_release_count(root: Path) -> int | None:
+    """The release's 4-class target-sentence ("S") records in root's Evaluation.txt; None without one."""
+    evaluation = msp_improv_evaluation(root)
+    if evaluation is None:
+        return None
+    return sum(parts[4] == "S" and code in MSP_IMPROV_LABELS for _, parts, code in msp_improv_records(evaluation))
 
 
 def _msp_transcripts(root: Path, transcripts: str | Path | None) -> dict[str, str]:

@@ -103,10 +103,14 @@ class TextConfig:
 class ShardConfig:
     max_bytes: int = 1_000_000_000
     max_count: int = 100_000
-    # What happens to an utterance whose face step found no usable face: the pretraining recipe
-    # drops such clips; labeled corpora keep them (configs/preprocess/labeled.yaml), since every
-    # test utterance must be evaluated.
-    missing_modality: Literal["keep_empty", "drop"] = "drop"
+    # What happens to an utterance whose face step found no usable face. auto: videos (pretraining) drop
+    # such clips, as the recipe does; labeled corpora keep them with an empty visual track, since every
+    # test utterance must be evaluated and the tables count the release's utterances.
+    missing_modality: Literal["auto", "keep_empty", "drop"] = "auto"
+
+    def drops_faceless(self, labeled: bool) -> bool:
+        """Whether an utterance without a usable face is dropped, for a labeled corpus or for videos."""
+        return self.missing_modality == "drop" or (self.missing_modality == "auto" and not labeled)
 
 
 @dataclass

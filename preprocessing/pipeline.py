@@ -115,7 +115,7 @@ def process_unit(unit: Unit, root: str, cfg: PreprocessConfig, audio_actor: Any,
                                            cfg.face, cfg.speaker, detector)
                 if faces.reason_if_dropped:
                     dropped[f"visual:{faces.reason_if_dropped}"] += 1
-                    if cfg.shards.missing_modality == "drop":
+                    if cfg.shards.drops_faceless(labeled=unit.segments is not None):
                         continue
             prepared.append((seg, wave, faces))
         if not prepared:

@@ -19,23 +19,39 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from finetune.config import PAPER_SETTINGS, FinetuneConfig
+from finetune.config import PAPER_SETTINGS, FinetuneConfig, TrainConfig
+from finetune.counts import IEMOCAP_RELEASE_TOTAL, log_counts, release_total
 from finetune.data import MODALITY_SUBSETS, batches, feature_dims, keep_modalities, load_utterances, split_fold
-from finetune.prompt import Template, insert_template, label_word_scores
+from finetune.metrics import NOT_A_CLASS, scores
+from finetune.prompt import Template, insert_template, label_word_scores, vocab_predictions
 from finetune.protocols import CLASSES, folds_for, iemocap_folds, msp_improv_folds
 from finetune.report import SETTING_NAMES, write_report
-from finetune.run import check_and_save_config, check_ready, resolve_precision, run_finetune, run_path
-from finetune.settings import build_model, text_model
+from finetune.run import (
+    Context,
+    check_and_save_config,
+    check_ready,
+    optimizer_and_schedule,
+    resolve_precision,
+    run_finetune,
+    run_path,
+    train_and_select,
+)
+from finetune.settings import ClassifierModel, Schedule, build_model, schedule_for, text_model
 from helpers import TINY_DIMS
 from memobert.config import ConfigError, load_config
-from memobert.schema import Utterance
+from memobert.schema import Manifest, Utterance
+from preprocessing.config import PreprocessConfig
 from preprocessing.text import TextTokenizer, default_vocab_folder
+from pretrain.batch import Batch
+from pretrain.config import ModelConfig
 from pretrain.export import export, load_model
+from pretrain.model import MEmoBERT
 
 REPO = Path(__file__).resolve().parents[1]
-# A tiny model learns the class signal within a few epochs at a larger lr than the recipe's.
-FAST = ["model.flavor=tiny", "train.lr=3e-3", "train.batch_size=16", "train.epochs=8", "train.patience=4",
-        "train.device=cpu"]
+# A tiny model learns the class signal within 64 steps (8 passes over 128 training utterances) at a larger lr
+# than the recipe's; the step-based schedule with small numbers, validating once per pass.
+FAST = ["model.flavor=tiny", "train.lr=3e-3", "prompt.lr=3e-3", "prompt.warmup_steps=4", "train.batch_size=16",
+        "train.steps=64", "train.direct_steps=64", "train.val_every=8", "train.patience=4", "train.device=cpu"]
 
 
 # One thread per process: the machine's 2 cores are shared, and a descheduled OpenMP thread stalls every
@@ -86,20 +102,27 @@ def test_fold_filtering_puts_each_speaker_in_one_part(folds: list) -> None:
     assert (folds[1].test, folds[1].val) == (folds[0].val, folds[0].test)  # a session's two folds swap roles
 
 
-def test_prompt_prediction_ignores_non_label_words(labeled_shards: Path, pretrained: dict[str, Path]) -> None:
-    # The verbaliser alone: the trap word has the highest logit of the vocabulary in every row.
+def test_prompt_scoring_modes_on_a_logit_trap(labeled_shards: Path, pretrained: dict[str, Path]) -> None:
+    # The verbaliser alone: the trap word (id 42, no label word) has the highest logit of the vocabulary in rows 0-3.
     logits = torch.randn(6, 50)
     label_ids = torch.tensor([7, 3, 11, 20])
-    logits[:, 42] = 100.0
-    pred = label_word_scores(logits, label_ids).argmax(-1)
-    assert (logits.argmax(-1) == 42).all()
-    assert pred.tolist() == [max(range(4), key=lambda c: logits[i, label_ids[c]].item()) for i in range(6)]
+    logits[:4, 42] = 100.0
+    logits[4, 11], logits[5, 3] = 100.0, 100.0  # rows 4 and 5: a label word wins the whole vocabulary
+    best_label = [max(range(4), key=lambda c: logits[i, label_ids[c]].item()) for i in range(6)]
+    assert label_word_scores(logits, label_ids).argmax(-1).tolist() == best_label  # label_words: never the trap
+    assert vocab_predictions(logits, label_ids).tolist() == [NOT_A_CLASS] * 4 + [2, 1]  # vocab: the trap is no class
+    # The trap costs the vocab scoring the samples the label words alone get right.
+    y_true = best_label
+    assert scores(y_true, best_label, 4)["wa"] == 1.0
+    assert scores(y_true, vocab_predictions(logits, label_ids).numpy(), 4)["wa"] == pytest.approx(2 / 6)
 
     # The real model: make a non-label word the MLM head's favourite through its output bias.
     cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled_shards}"])
+    assert cfg.prompt.scoring == "vocab"  # the authors' scoring is the default
     tok = TextTokenizer()
     utts = load_utterances(str(labeled_shards), cfg.data)
-    model = build_model("pretrain_prompt", cfg, feature_dims(utts), tok, load_model(pretrained["export"])).eval()
+    ckpt = load_model(pretrained["export"])
+    model = build_model("pretrain_prompt", cfg, feature_dims(utts), tok, ckpt).eval()
     vocab = tok.vocab_file.read_text().splitlines()
     assert [vocab[i] for i in model.label_ids.tolist()] == list(cfg.prompt.label_words)  # looked up by word, in CLASSES order
     trap = vocab.index("the")
@@ -107,10 +130,16 @@ def test_prompt_prediction_ignores_non_label_words(labeled_shards: Path, pretrai
     batch = next(batches(utts, 16, cfg.data, tok.cls_id, tok.sep_id))
     with torch.no_grad():
         full = model.vocab_logits(batch)
-        scores = model(batch)
+        class_scores = model(batch)
+        authors = model.classify(batch)
     assert (full.argmax(-1) == trap).all()
-    assert scores.shape == (16, len(CLASSES))
-    assert torch.equal(scores.argmax(-1), full[:, model.label_ids].argmax(-1))
+    assert class_scores.shape == (16, len(CLASSES))
+    assert (authors == NOT_A_CLASS).all()  # every sample counts as wrong under the authors' scoring
+    lenient_cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled_shards}", "prompt.scoring=label_words"])
+    lenient = build_model("pretrain_prompt", lenient_cfg, feature_dims(utts), tok, ckpt).eval()
+    lenient.backbone.cls.predictions.bias.data[trap] = 1e4
+    with torch.no_grad():
+        assert torch.equal(lenient.classify(batch), full[:, model.label_ids].argmax(-1))
 
 
 def test_template_placement_and_truncation() -> None:
@@ -223,7 +252,9 @@ def test_every_setting_beats_chance_and_a_rerun_skips(
         record = json.loads(run_path(out, setting, 42, 1).read_text())
         assert (record["speakers"]["val"], record["speakers"]["test"]) == (fold.val, fold.test)
         assert record["samples"] == {"train": 128, "val": 16, "test": 16} and record["num_predictions"] == 16
-        assert 1 <= record["selected_epoch"] <= 8
+        steps = [h["step"] for h in record["history"]]
+        assert steps == list(range(8, 8 * len(steps) + 1, 8)) and steps[-1] <= 64  # a validation every 8 steps
+        assert record["selected_step"] in steps
         assert record["val_uar"] == max(h["val_uar"] for h in record["history"])
         assert record["scores"]["uar"] > 0.5, (setting, record["scores"])  # chance is 0.25
         assert set(record["missing_modalities"]) == set(MODALITY_SUBSETS) - {"tav"}
@@ -237,6 +268,10 @@ def test_every_setting_beats_chance_and_a_rerun_skips(
     assert md in result.stdout
     assert "BERT+Direct starts from tiny_bert (layers 1, hidden 32) (the paper's: bert-base-uncased, layers 12, hidden 768)." in md
     assert "| Setting | WA | UAR | WF1 |" in md and "| Setting | T | A | V | T+A | T+V | A+V | T+A+V |" in md
+    assert "std is the sample standard deviation over seeds (ddof=1)" in md
+    missed = json.loads(run_path(out, "pretrain_prompt", 42, 1).read_text())["not_a_class"]
+    assert (f"Pretrain+Prompt predicts the argmax over the whole vocabulary at [MASK], as the authors score it: a word "
+            f"that is no label word counts as wrong ({missed} of 16 test predictions).") in md
     for setting in PAPER_SETTINGS:
         assert md.count(f"| {SETTING_NAMES[setting]} | ") == 2  # one row in each table
     assert len((out / "results.csv").read_text().splitlines()) == 1 + len(PAPER_SETTINGS)
@@ -269,14 +304,24 @@ def test_report_aggregates_folds_then_seeds(tmp_path: Path) -> None:
                         "missing_modalities": {s: {"scores": scores} for s in MODALITY_SUBSETS if s != "tav"}})
     cfg = load_config(FinetuneConfig, overrides=["settings=direct", "seeds=[42, 1234]", "folds=[1, 2]"])
     md = write_report(tmp_path, cfg, records).read_text()
-    assert "| Direct | 50.00 ± 0.00 | 65.00 ± 5.00 | 40.00 ± 0.00 |" in md
+    assert "| Direct | 50.00 ± 0.00 | 65.00 ± 7.07 | 40.00 ± 0.00 |" in md  # sample std (ddof=1) of 0.6 and 0.7
     assert "folds 1, 2 of 10 (partial); seeds 42, 1234" in md
     assert "starts from" not in md and "word embeddings from" not in md  # direct starts from no text model
+    assert md.startswith("# Finetuning results: iemocap\n") and "test-selected" not in md
+    # The authors' MSP-IMPROV folds selected on the test speaker: the title says so.
+    test_selected = load_config(FinetuneConfig, overrides=["settings=direct", "seeds=[42, 1234]", "folds=[1, 2]",
+                                                           "data.protocol=msp_improv_11to1"])
+    (tmp_path / "11to1").mkdir()
+    md_11to1 = write_report(tmp_path / "11to1", test_selected, records).read_text()
+    assert md_11to1.startswith("# Finetuning results: msp_improv_11to1 (test-selected, not a clean estimate)\n")
+    assert "the test speaker also validates" in md_11to1 and "selection and early stopping on the validation" not in md_11to1
     assert (tmp_path / "results.csv").read_text().splitlines()[1] == (
-        "direct,T+A+V,2,0.500000,0.000000,0.650000,0.050000,0.400000,0.000000")
+        "direct,T+A+V,2,0.500000,0.000000,0.650000,0.070711,0.400000,0.000000")
 
-    # The default bert_direct and MFN start from the bundled MiniLM, not the paper's bert-base-uncased: said under the table.
-    cfg = load_config(FinetuneConfig, overrides=["settings=bert_direct,mfn", "seeds=[42, 1234]", "folds=[1, 2]"])
+    # With "bundled", bert_direct and MFN start from the small offline MiniLM, not the paper's bert-base-uncased:
+    # said under the table.
+    cfg = load_config(FinetuneConfig, overrides=["settings=bert_direct,mfn", "seeds=[42, 1234]", "folds=[1, 2]",
+                                                 "model.bert_folder=bundled", "mfn.word_embeddings=bundled"])
     assert text_model("direct", cfg) is None
     default = text_model("bert_direct", cfg)
     assert default == {"folder": default_vocab_folder(), "name": "MiniLM-L6-H384-uncased", "layers": 6, "hidden": 384}
@@ -340,3 +385,156 @@ def test_config_defaults_and_preflight(tmp_path: Path, labeled_shards: Path) -> 
     check_ready(load_config(FinetuneConfig, overrides=[*prompt[:1], "settings=direct", "prompt.label_words=[a, b, c, melancholia]"]))
     assert not out.exists()  # failed before any work
     assert len(folds_for("msp_improv")) == 12
+
+
+def test_classifier_head_is_the_authors() -> None:
+    torch.manual_seed(0)
+    backbone = MEmoBERT.from_config(ModelConfig(flavor="tiny", acoustic_dim=16, visual_dim=12))
+    model = ClassifierModel(backbone, len(CLASSES), dropout=0.1)
+    h = backbone.config.hidden_size
+    pooler, output = model.head.pooler, model.head.output
+    assert [type(m) for m in pooler] == [torch.nn.Linear, torch.nn.Tanh] and pooler[0].weight.shape == (h, h)
+    assert [type(m) for m in output] == [torch.nn.Linear, torch.nn.GELU, torch.nn.LayerNorm, torch.nn.Linear]
+    assert output[0].weight.shape == (2 * h, h) and output[2].normalized_shape == (2 * h,)
+    assert output[3].weight.shape == (len(CLASSES), 2 * h) and model.head.dropout.p == 0.1
+    cls = torch.randn(3, h)
+    model.eval()
+    expected = output[3](output[2](torch.nn.functional.gelu(output[0](torch.tanh(pooler[0](cls))))))
+    assert torch.allclose(model.head(cls), expected)
+
+
+def test_lr_schedules_warm_up_and_decay_linearly_to_zero() -> None:
+    cfg = FinetuneConfig()
+    assert schedule_for("pretrain_finetune", cfg) == schedule_for("bert_direct", cfg) == Schedule(5e-5, 1500, 0)
+    assert schedule_for("direct", cfg) == Schedule(5e-5, 2000, 0)
+    assert schedule_for("pretrain_prompt", cfg) == Schedule(3e-5, 1500, 100)
+    assert schedule_for("mfn", cfg) == schedule_for("m3er", cfg) == Schedule(1e-3, 1500, 0)
+    train = TrainConfig()
+    assert (train.batch_size, train.betas, train.weight_decay, train.grad_clip) == (32, (0.9, 0.98), 0.01, 5.0)
+    assert (train.val_every, train.patience) == (100, 5)
+
+    def lrs(schedule: Schedule) -> list[float]:
+        optimizer, scheduler = optimizer_and_schedule(torch.nn.Linear(2, 2), schedule, train)
+        assert optimizer.defaults["betas"] == (0.9, 0.98)
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]  # no decay on the bias
+        out = []
+        for _ in range(schedule.steps):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return [*out, scheduler.get_last_lr()[0]]  # the lr after the last step
+
+    finetune = lrs(Schedule(5e-5, 1500, 0))
+    assert finetune[0] == pytest.approx(5e-5)  # no warm-up: the first step at the peak
+    assert finetune[750] == pytest.approx(2.5e-5) and finetune[-2] == pytest.approx(5e-5 / 1500)
+    assert finetune[-1] == 0.0 and np.all(np.diff(finetune) < 0)  # linear to 0 at step 1,500
+    assert np.allclose(np.diff(finetune), -5e-5 / 1500)
+    prompt = lrs(Schedule(3e-5, 1500, 100))
+    assert prompt[0] == pytest.approx(3e-5 / 100) and prompt[99] == pytest.approx(3e-5)  # 100 warm-up steps
+    assert np.all(np.diff(prompt[:100]) > 0) and prompt[100] == pytest.approx(3e-5)  # then decay from step 100 on
+    assert np.all(np.diff(prompt[100:]) < 0) and prompt[-1] == 0.0
+    assert prompt[800] == pytest.approx(3e-5 * (1500 - 800) / 1400)
+
+
+class _ConstantClassifier(torch.nn.Module):
+    """Predicts one class for every sample (so every validation UAR is 0.25) and learns its class scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scores = torch.nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.scores.expand(batch.size, -1)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self(batch), batch.labels)
+
+
+def _fit(labeled_shards: Path, overrides: list[str]) -> tuple[list[dict[str, float]], int]:
+    cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled_shards}", "train.batch_size=16", *overrides])
+    utts = load_utterances(str(labeled_shards), cfg.data)
+    ctx = Context(utts, TextTokenizer(), feature_dims(utts), None, torch.device("cpu"), False)
+    data = split_fold(utts, iemocap_folds()[0])
+    return train_and_select(_ConstantClassifier(), data, cfg, 42, ctx, "test", Schedule(1e-2, cfg.train.steps, 0))
+
+
+def test_training_stops_after_patience_validations_without_a_better_uar(labeled_shards: Path) -> None:
+    # Validation UAR never improves after the first validation: 5 more validations, then stop (of 1,000 steps).
+    history, selected = _fit(labeled_shards, ["train.steps=1000", "train.val_every=3", "train.patience=5"])
+    assert [h["step"] for h in history] == [3, 6, 9, 12, 15, 18] and selected == 3
+    assert all(h["val_uar"] == 0.25 for h in history)
+    # Without early stopping the run takes every step, validating every 4 and after the last; the lr decays to 0.
+    history, _ = _fit(labeled_shards, ["train.steps=10", "train.val_every=4", "train.patience=100"])
+    assert [h["step"] for h in history] == [4, 8, 10]
+    assert [h["lr"] for h in history] == pytest.approx([1e-2 * 7 / 10, 1e-2 * 3 / 10, 1e-2 * 1 / 10])
+
+
+def test_per_speaker_counts_and_a_total_unlike_the_release(
+    labeled_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled_shards}"])
+    utts = load_utterances(str(labeled_shards), cfg.data)
+    with caplog.at_level(logging.INFO, logger="finetune.counts"):
+        log_counts(utts, cfg.data)
+    speakers = [s for f in iemocap_folds()[::2] for s in (f.test, f.val)]
+    expected = ", ".join(f"{s} 16" for s in sorted(speakers))
+    assert f"utterances per speaker: {expected} (total 160)" in caplog.text
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and f"the shards hold 160 utterances, the release {IEMOCAP_RELEASE_TOTAL}" in warning[0].message
+    assert IEMOCAP_RELEASE_TOTAL == 5531
+
+    # MSP-IMPROV: the release's total is its Evaluation.txt's distinct 4-class "S" records.
+    release, shards = tmp_path / "msp", tmp_path / "shards"
+    release.mkdir()
+    shards.mkdir()
+    (release / "Evaluation.txt").write_text("\n".join([
+        "UTD-IMPROV-S01A-F01-S-FM01.avi; A; A:4.0; V:2.0; D:3.0;",
+        "UTD-IMPROV-S01A-F01-S-FM01.avi; A; A:4.0; V:2.0; D:3.0;",  # the same recording again
+        "UTD-IMPROV-S02H-M01-S-MF01.avi; H; A:3.0;",
+        "UTD-IMPROV-S03N-F02-S-FM02.avi; N; A:3.0;",
+        "UTD-IMPROV-S04S-M02-R-MF02.avi; S; A:2.0;",  # not a target sentence
+        "UTD-IMPROV-S05A-F03-S-FM03.avi; X; A:2.0;",  # no 4-class label
+        "Averaged scores",
+    ]))
+    Manifest(settings={"source": str(release)}).save(shards)
+    msp = load_config(FinetuneConfig, overrides=[f"data.shards={shards}", "data.protocol=msp_improv"]).data
+    assert release_total(msp) == (3, f"{release}/Evaluation.txt (4-class target-sentence records)")
+    three = [_utt(f"u{i}", s) for i, s in enumerate(("F01", "M01", "F02"))]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune.counts"):
+        log_counts(three, msp)
+        assert "F01 1, F02 1, M01 1 (total 3)" in caplog.text and not any(r.levelno == logging.WARNING for r in caplog.records)
+        log_counts(three[:2], msp)
+    assert "the shards hold 2 utterances, the release 3" in caplog.text
+    (release / "Evaluation.txt").unlink()
+    assert release_total(msp) == (None, f"no Evaluation.txt in {release}, the release the shards were made from")
+
+
+def test_labeled_corpora_keep_faceless_utterances_by_default() -> None:
+    shards = PreprocessConfig().shards
+    assert not shards.drops_faceless(labeled=True)  # every test utterance stays, with an empty visual track
+    assert shards.drops_faceless(labeled=False)  # pretraining videos drop such clips, as the recipe
+    keep = load_config(PreprocessConfig, [REPO / "configs/preprocess/labeled.yaml"]).shards
+    assert not keep.drops_faceless(labeled=True) and not keep.drops_faceless(labeled=False)
+    assert load_config(PreprocessConfig, overrides=["shards.missing_modality=drop"]).shards.drops_faceless(labeled=True)
+
+
+def test_text_bert_folders_default_to_bert_base_and_a_missing_one_is_a_config_error(
+    tmp_path: Path, labeled_shards: Path
+) -> None:
+    cfg = FinetuneConfig()
+    assert cfg.model.bert_folder == cfg.mfn.word_embeddings == "checkpoints/bert-base-uncased"
+    for name in ("iemocap", "msp_improv"):
+        production = load_config(FinetuneConfig, [REPO / f"configs/finetune/{name}.yaml"])
+        assert production.model.bert_folder == production.mfn.word_embeddings == "checkpoints/bert-base-uncased"
+    demo = load_config(FinetuneConfig, [REPO / "configs/finetune/demo_cpu.yaml"])
+    assert demo.model.bert_folder == demo.mfn.word_embeddings == "bundled"
+    assert text_model("bert_direct", demo)["folder"] == default_vocab_folder()
+    missing = tmp_path / "bert-base-uncased"
+    common = [f"data.shards={labeled_shards}", f"out_dir={tmp_path / 'never'}"]
+    with pytest.raises(ConfigError, match=f"config key 'model.bert_folder': no text-BERT folder {missing}"):
+        check_ready(load_config(FinetuneConfig, overrides=[*common, "settings=bert_direct", f"model.bert_folder={missing}"]))
+    with pytest.raises(ConfigError, match=f"config key 'mfn.word_embeddings': no text-BERT folder {missing}"):
+        check_ready(load_config(FinetuneConfig, overrides=[*common, "settings=m3er", f"mfn.word_embeddings={missing}"]))
+    # A setting that reads no text BERT does not need the folder.
+    check_ready(load_config(FinetuneConfig, overrides=[*common, "settings=direct", f"model.bert_folder={missing}"]))

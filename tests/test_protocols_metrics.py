@@ -1,4 +1,4 @@
-"""CV folds of both protocols and the metrics (checked against scikit-learn)."""
+"""CV folds of the protocols and the metrics (checked against scikit-learn)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
-from finetune.metrics import aggregate, confusion, scores
-from finetune.protocols import folds_for, iemocap_folds, msp_improv_folds
+from finetune.metrics import NOT_A_CLASS, aggregate, confusion, scores
+from finetune.protocols import folds_for, iemocap_folds, msp_improv_11to1_folds, msp_improv_folds
 
 
 def test_iemocap_ten_folds_exact_speakers() -> None:
@@ -53,7 +53,34 @@ def test_uar_differs_from_wa_on_imbalanced_data() -> None:
     assert got["wa"] == pytest.approx(0.8) and got["uar"] == pytest.approx(0.5)
 
 
-def test_aggregate_fold_mean_then_seed_mean_and_std() -> None:
+def test_msp_improv_11to1_trains_on_eleven_and_validates_on_the_test_speaker() -> None:
+    leak_free = msp_improv_folds()
+    folds = msp_improv_11to1_folds()
+    assert len(folds) == 12 and folds_for("msp_improv_11to1") == folds
+    everyone = {f"{g}{s:02d}" for g in "FM" for s in range(1, 7)}
+    for fold, clean in zip(folds, leak_free):
+        assert (fold.index, fold.test) == (clean.index, clean.test)  # the same test speaker per fold number
+        assert fold.val == fold.test  # the authors' selection reads the test speaker
+        assert len(fold.train) == 11 and set(fold.train) == everyone - {fold.test}
+        assert clean.val in fold.train  # the leak-free validation speaker trains here
+    assert folds[0].train == ("M01", "F02", "M02", "F03", "M03", "F04", "M04", "F05", "M05", "F06", "M06")
+
+
+def test_a_non_label_prediction_is_wrong_and_predicts_no_class() -> None:
+    y_true = [0, 0, 1, 1, 2, 3]
+    y_pred = [0, NOT_A_CLASS, 1, NOT_A_CLASS, 2, 3]
+    got = scores(y_true, y_pred, 4)
+    assert got["wa"] == pytest.approx(4 / 6) and got["uar"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
+    # Precision is 1 for every class (no wrong class predicted), recall as above: F1 2/3, 2/3, 1, 1.
+    assert got["wf1"] == pytest.approx((2 * 2 / 3 + 2 * 2 / 3 + 1 + 1) / 6)
+    assert confusion(y_true, y_pred, 4).sum() == 4  # the two non-label predictions are in no column
+
+
+def test_aggregate_fold_mean_then_seed_mean_and_sample_std() -> None:
     summary = aggregate({1234: [0.5, 0.7], 42: [0.6, 0.6, 0.9]})
     assert summary.per_seed == pytest.approx((0.7, 0.6))  # seeds in sorted order: 42, 1234
-    assert summary.mean == pytest.approx(0.65) and summary.std == pytest.approx(0.05)
+    # Sample std (ddof=1) over the two seed means, as papers report: sqrt(0.005 / 1); the population std is 0.05.
+    assert summary.mean == pytest.approx(0.65) and summary.std == pytest.approx(0.0707107, abs=1e-6)
+    four = aggregate({42: [0.80], 1234: [0.82], 4321: [0.78], 5678: [0.84]})
+    assert four.std == pytest.approx(np.std([0.80, 0.82, 0.78, 0.84], ddof=1)) and four.std > np.std([0.80, 0.82, 0.78, 0.84])
+    assert np.isnan(aggregate({42: [0.5, 0.7]}).std)  # one seed has no sample std

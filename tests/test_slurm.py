@@ -27,8 +27,8 @@ TINY = ["--config", str(REPO / "configs/pretrain/cpu_tiny.yaml"), f"model.acoust
 # 2 ranks: global batch 16 = micro-batch 4 x accumulation 2 x world size 2.
 TWO_RANKS = ["train.micro_batch=4", "train.grad_accum=2", "optim.warmup_steps=1"]
 SPEAKERS = [speaker for fold in iemocap_folds()[::2] for speaker in (fold.test, fold.val)]  # Ses01F, Ses01M, ...
-FINETUNE_FAST = ["model.flavor=tiny", "train.lr=3e-3", "train.batch_size=16", "train.epochs=2", "train.patience=1",
-                 "train.device=cpu", "train.precision=fp32"]
+FINETUNE_FAST = ["model.flavor=tiny", "train.lr=3e-3", "train.batch_size=16", "train.direct_steps=16", "train.val_every=8",
+                 "train.patience=1", "train.device=cpu", "train.precision=fp32"]
 
 
 def _memobert(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:

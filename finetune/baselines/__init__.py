@@ -7,15 +7,15 @@ from torch import nn
 from finetune.baselines.inputs import load_word_embeddings
 from finetune.baselines.m3er import M3ER
 from finetune.baselines.mfn import MFN
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, text_bert_folder
 from finetune.protocols import CLASSES
 from memobert.config import ConfigError
-from preprocessing.text import TextTokenizer, default_vocab_folder
+from preprocessing.text import TextTokenizer
 
 
 def build_baseline(setting: str, cfg: FinetuneConfig, dims: dict[str, int], tokenizer: TextTokenizer) -> nn.Module:
     """A fresh `mfn` or `m3er` model (seed torch first), its language input from frozen word embeddings."""
-    folder = cfg.mfn.word_embeddings or default_vocab_folder()
+    folder = text_bert_folder(cfg.mfn.word_embeddings)
     embeddings = load_word_embeddings(folder)
     if embeddings.shape[0] < tokenizer.vocab_size:
         raise ConfigError(f"config key 'mfn.word_embeddings': {folder} embeds {embeddings.shape[0]} tokens, "

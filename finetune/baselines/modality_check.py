@@ -11,7 +11,7 @@ reading of M3ER's check, which compares pairs). When that would flag every modal
 
 Tau is chosen on the validation speaker from a grid: the value that best tells the samples' own
 modalities from mismatched ones (a modality swapped with another validation utterance's), by balanced
-accuracy. M3ER does not publish how it set its threshold (shared/REFERENCE.md).
+accuracy. M3ER does not publish how it set its threshold.
 """
 
 from __future__ import annotations
