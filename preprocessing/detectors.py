@@ -155,7 +155,9 @@ class CenterFaceDetector:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # the graph's unused batch-norm initialisers warn otherwise
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.startswith("cuda") else ["CPUExecutionProvider"]
+        providers = ["CPUExecutionProvider"]
+        if self.device.startswith("cuda"):
+            providers.insert(0, "CUDAExecutionProvider")
         self.session = onnxruntime.InferenceSession(centerface_model(), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 

@@ -260,3 +260,12 @@ def test_read_frames_names_the_file_on_errors(tmp_path: Path) -> None:
     broken.write_bytes(b"not a video at all" * 100)
     with pytest.raises(VideoReadError, match="broken.mp4"):
         read_frames(broken, 0, 1)
+
+
+def test_centerface_on_cuda_without_the_cuda_provider_names_the_key() -> None:
+    from preprocessing.detectors import onnx_cuda_available
+
+    if onnx_cuda_available():
+        pytest.skip("onnxruntime-gpu is installed: CUDA is a valid choice here")
+    with pytest.raises(ValueError, match="face.device='cuda'.*onnxruntime-gpu"):
+        build_detector(FaceConfig(detector="centerface", device="cuda"))

@@ -117,7 +117,10 @@ def detector() -> FaceDetector:
 
 # The default fast path (CenterFace on every 3rd frame, tracks filled in between) and the old one (MTCNN
 # on every frame): the speaker choice must not depend on which one runs.
-SETTINGS = {"centerface_every_3": FaceConfig(device="cpu"), "mtcnn_every_frame": FaceConfig(detector="mtcnn", detect_every=1, device="cpu")}
+SETTINGS = {
+    "centerface_every_3": FaceConfig(device="cpu"),
+    "mtcnn_every_frame": FaceConfig(detector="mtcnn", detect_every=1, device="cpu"),
+}
 
 
 @pytest.fixture(scope="module", params=list(SETTINGS))
@@ -230,7 +233,8 @@ def test_detection_is_batched_across_cues_with_the_same_result(clips: dict[str, 
 
     batched = speaker_face_crops_batch(video, spans, waves, FaceConfig(), SpeakerConfig(), Counting())
     assert len(calls) == 1  # 37 frames of three cues, under batch_frames
-    one_by_one = [speaker_face_crops(video, a, b, w, FaceConfig(), SpeakerConfig(), Counting()) for (a, b), w in zip(spans, waves)]
+    one_by_one = [speaker_face_crops(video, a, b, w, FaceConfig(), SpeakerConfig(), Counting())
+                  for (a, b), w in zip(spans, waves)]
     assert len(calls) == 4 and calls[0] == sum(calls[1:])
     small = speaker_face_crops_batch(video, spans, waves, FaceConfig(batch_frames=12), SpeakerConfig(), Counting())
     assert len(calls) == 7  # one group per cue when each fills the frame budget
