@@ -265,7 +265,10 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
 
     pending: dict[Any, Unit] = {}
     queue = list(todo)
-    window = max(1, int(ray.cluster_resources().get("CPU", 1)) * 2)
+    # One task in flight per CPU. A task waiting on the encoder actors frees its CPU, and a queued task
+    # would then make Ray start a fresh worker process (~5 CPU-s to import torch, onnxruntime...) that it
+    # kills again when idle: with short units that churn cost more than the units (docs/benchmarks.md).
+    window = max(1, int(ray.cluster_resources().get("CPU", 1)))
     progress = tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", desc="preprocess", dynamic_ncols=True)
     written, start = 0, time.perf_counter()
     retry_later: list[str] = []  # units hit by a Ray failure: left unrecorded, so a rerun processes them
