@@ -1,13 +1,14 @@
 """Preprocessing benchmark: `memobert preprocess` on a local Ray vs decoding alone, 1 vs 2 Ray CPUs, real encoders on CPU.
 
-On the same videos (by default the movies of `memobert synth --scale tiny --seed 0`: 7 short 320x240
-clips, 25 kept cues), in one run:
+On the same videos (by default the movies of `memobert synth --scale tiny` for `--seeds`; seed 0 alone is
+7 short 320x240 clips, 25 kept cues; `--seeds 0,1,2,3,4,5,6,7` gives 56), in one run:
   decode     in this process, one thread: subtitles -> segments, the audio track at 16 kHz, decord
              frames at 10 fps of every kept cue; no detection, no encoding
   stages     in this process, one thread: the work of one pipeline task (preprocessing.pipeline.process_unit)
-             without Ray, timed per stage (frames, MTCNN, tracking, active speaker, crops, encoders, text)
+             without Ray, timed per stage (frames, shot cuts, face detection, tracking, active speaker,
+             crops, encoders, text)
   ray N      preprocessing.pipeline.preprocess with the tiny encoders (configs/preprocess/tiny_cpu.yaml) on a
-             local Ray started with num_cpus=N: a cold pass (fresh worker processes import torch, facenet...)
+             local Ray started with num_cpus=N: a cold pass (fresh worker processes import torch, onnxruntime...)
              then a second pass on the same cluster into a fresh output folder (task workers reused,
              encoder actors rebuilt)
   encoders   benchmarks/encoders.py's audio_rate and visual_rate: real-size wav2vec2-base and DenseNet-FER+,
@@ -15,9 +16,9 @@ clips, 25 kept cues), in one run:
 CPU seconds of a Ray pass are those of this process and every descendant (Ray's daemons, task workers,
 encoder actors), sampled every 0.5 s; the machine-wide busy CPU time over the same interval is printed
 beside them: more than the process tree means other jobs shared the cores. "Per core" figures are
-utterances per CPU-second.
+utterances per CPU-second. Config overrides (e.g. face.detector=mtcnn face.detect_every=1) apply to all.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/preprocess.py [--input MOVIES_DIR] [--movies 7] [--cpus 2,1]
+    PYTHONPATH=. .venv/bin/python benchmarks/preprocess.py [--input MOVIES_DIR] [--seeds 0] [--movies N] [--cpus 2,1] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from memobert.config import load_config  # noqa: E402
 from preprocessing import faces as faces_mod  # noqa: E402
 from preprocessing import speaker as speaker_mod  # noqa: E402
 from preprocessing.config import PreprocessConfig  # noqa: E402
+from preprocessing.detectors import build_detector  # noqa: E402
 from preprocessing.pipeline import CHUNK, VIDEO_SUFFIXES, _AudioTrack, _read_audio, discover_units, preprocess  # noqa: E402
 from preprocessing.segments import segments_from_video  # noqa: E402
 
@@ -57,24 +59,26 @@ TINY = ROOT / "configs" / "preprocess" / "tiny_cpu.yaml"
 
 
 def prepare_movies(args: argparse.Namespace, tmp: Path) -> Path:
-    """The movies folder to process: `--input`, or a fresh synthetic tiny corpus; the first `--movies` videos."""
+    """The movies folder to process: `--input`, or fresh synthetic corpora of `--seeds` linked into one
+    folder; the first `--movies` videos."""
     if args.input:
-        source = Path(args.input)
+        videos = sorted(p for p in Path(args.input).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
     else:
         from preprocessing.synth import generate_corpus
         from preprocessing.synth.config import SynthConfig
 
-        summary = generate_corpus(tmp / "synth", SynthConfig(seed=args.seed, scale=args.scale, parts=["movies"]))
-        source = summary.paths["movies"]
-    videos = sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
-    if args.movies and args.movies < len(videos):  # a subset: link the videos and their sidecars
-        subset = tmp / "subset"
-        subset.mkdir()
-        for video in videos[: args.movies]:
-            for path in video.parent.glob(video.stem + ".*"):
-                (subset / path.name).symlink_to(path.resolve())
-        return subset
-    return source
+        videos = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            summary = generate_corpus(tmp / f"synth{seed}", SynthConfig(seed=seed, scale=args.scale, parts=["movies"]))
+            videos += sorted(p for p in summary.paths["movies"].iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    if args.movies:
+        videos = videos[: args.movies]
+    folder = tmp / "movies"  # links to the videos and their sidecars; names prefixed by their corpus
+    folder.mkdir()
+    for video in videos:
+        for path in video.parent.glob(video.stem + ".*"):
+            (folder / f"{video.parent.parent.name}_{path.name}").symlink_to(path.resolve())
+    return folder
 
 
 # ---------------------------------------------------------------- CPU accounting
@@ -250,8 +254,8 @@ def stage_breakdown(source: Path, cfg: PreprocessConfig) -> tuple[int, float, Co
     kept = 0
     patches = [
         (speaker_mod, "read_frames", clock.wrap("frames (10 fps)", speaker_mod.read_frames)),
-        (speaker_mod.FaceDetector, "detect", clock.wrap("MTCNN face detection", speaker_mod.FaceDetector.detect)),
-        (speaker_mod, "track_faces", clock.wrap("IoU tracking", speaker_mod.track_faces)),
+        (speaker_mod, "plan_keyframes", clock.wrap("shot cuts, keyframes", speaker_mod.plan_keyframes)),
+        (speaker_mod, "tracks_from_keyframes", clock.wrap("IoU tracking, filling", speaker_mod.tracks_from_keyframes)),
         (speaker_mod, "to_grey", clock.wrap("grey frames", speaker_mod.to_grey)),
         (speaker_mod.ActiveSpeakerSelector, "select",
          clock.wrap("active speaker (VAD, mouth motion)", speaker_mod.ActiveSpeakerSelector.select)),
@@ -264,20 +268,19 @@ def stage_breakdown(source: Path, cfg: PreprocessConfig) -> tuple[int, float, Co
         for unit in units:
             with clock("subtitles -> segments"):
                 segments = segments_from_video(Path(unit.video), cfg.segment, video_id=unit.name)
-            with clock("MTCNN construction (per video)"):
-                detector = faces_mod.FaceDetector(cfg.face, batch_size=32)
+            with clock("detector construction (per video)"):
+                detector = build_detector(cfg.face)
+                detector.detect = clock.wrap(f"face detection ({cfg.face.detector})", detector.detect)
             with clock("audio track (16 kHz)"):
                 reader = faces_mod.open_video(unit.video)
                 track = _AudioTrack(unit.video)
             for lo in range(0, len(segments), CHUNK):
-                prepared = []
-                for seg in segments[lo : lo + CHUNK]:
-                    wave = _read_audio(seg, track, cfg.segment.max_seconds)
-                    end = min(seg.end, seg.start + cfg.segment.max_seconds)
-                    result = speaker_mod.speaker_face_crops(reader, seg.start, end, wave, cfg.face, cfg.speaker, detector)
-                    if result.reason_if_dropped and cfg.shards.drops_faceless(labeled=False):
-                        continue
-                    prepared.append((seg, wave, result))
+                chunk = segments[lo : lo + CHUNK]
+                waves = [_read_audio(seg, track, cfg.segment.max_seconds) for seg in chunk]
+                spans = [(seg.start, min(seg.end, seg.start + cfg.segment.max_seconds)) for seg in chunk]
+                results = speaker_mod.speaker_face_crops_batch(reader, spans, waves, cfg.face, cfg.speaker, detector)
+                prepared = [(seg, wave, result) for seg, wave, result in zip(chunk, waves, results)
+                            if not (result.reason_if_dropped and cfg.shards.drops_faceless(labeled=False))]
                 if not prepared:
                     continue
                 with clock("wav2vec2 tiny"):
@@ -312,6 +315,7 @@ def ray_passes(source: Path, cfg: PreprocessConfig, cpus: int, out: Path, meter:
         for label in ("cold", "second"):
             with meter.measure() as m:
                 manifest = preprocess(source, out / f"ray{cpus}-{label}", cfg)
+            m["load"] = os.getloadavg()[0]  # 1-minute load average of the machine at the end of the pass
             rows.append((label, manifest.num_samples, m))
     finally:
         ray.shutdown()
@@ -325,22 +329,25 @@ def ray_passes(source: Path, cfg: PreprocessConfig, cpus: int, out: Path, meter:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="a folder of videos with subtitles (default: a synthetic corpus)")
-    parser.add_argument("--scale", default="tiny", help="synthetic corpus scale (tiny: 7 movies, 25 kept cues)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", default="tiny", help="synthetic corpus scale (tiny: 7 movies, 25-29 kept cues per seed)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds of the synthetic corpora to process together")
     parser.add_argument("--movies", type=int, default=0, help="only the first N videos (0: all)")
     parser.add_argument("--cpus", default="2,1", help="comma-separated Ray num_cpus to run the pipeline with")
     parser.add_argument("--w2v-utterances", type=int, default=4, help="utterances of 1-10 s for wav2vec2-base (0: skip)")
     parser.add_argument("--fer-crops", type=int, default=72, help="64x64 crops for the full DenseNet-FER+ (0: skip)")
     parser.add_argument("--dir", default=None, help="where to write corpus and outputs (default: a temporary folder)")
+    parser.add_argument("overrides", nargs="*", help="config overrides on top of tiny_cpu.yaml, e.g. face.detector=mtcnn")
     args = parser.parse_args()
 
     import ray
     import torch
 
-    cfg = load_config(PreprocessConfig, [str(TINY)])
+    cfg = load_config(PreprocessConfig, [str(TINY)], args.overrides)
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"# {platform.machine()} {model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"Python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}; {datetime.date.today()}")
+    print(f"# face.detector={cfg.face.detector} face.detect_every={cfg.face.detect_every} "
+          f"face.centerface_face_px={cfg.face.centerface_face_px}")
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
@@ -370,13 +377,13 @@ def main() -> None:
             runs[cpus] = ray_passes(source, cfg, cpus, tmp, meter)
         print("\nfull pipeline (`preprocess`, tiny encoders, local Ray); CPU-s of the driver + Ray daemons + workers + actors")
         print(f"{'ray num_cpus':>12} {'pass':>6} {'utt':>4} {'wall s':>7} {'utt/s':>6} {'CPU-s':>6} {'utt/CPU-s':>10} "
-              f"{'cores busy':>10} {'machine CPU-s':>14}  CPU-s by role (processes started)")
+              f"{'cores busy':>10} {'machine CPU-s':>14} {'load':>5}  CPU-s by role (processes started)")
         for cpus, rows in runs.items():
             for label, utt, m in rows:
                 roles = ", ".join(f"{r} {s:.1f} ({m['started'].get(r, 0)})"
                                   for r, s in sorted(m["roles"].items(), key=lambda kv: -kv[1]))
                 print(f"{cpus:>12} {label:>6} {utt:>4} {m['wall']:>7.1f} {utt / m['wall']:>6.2f} {m['cpu']:>6.1f} "
-                      f"{utt / m['cpu']:>10.2f} {m['cpu'] / m['wall']:>10.2f} {m['machine']:>14.1f}  {roles}")
+                      f"{utt / m['cpu']:>10.2f} {m['cpu'] / m['wall']:>10.2f} {m['machine']:>14.1f} {m['load']:>5.1f}  {roles}")
             print(f"{'':>12} ray.init {rows[0][2]['init']:.1f} s wall (not in the passes)")
 
         if runs:

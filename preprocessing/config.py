@@ -1,4 +1,4 @@
-"""Preprocessing config. Defaults are the MEmoBERT feature recipe (shared/REFERENCE.md)."""
+"""Preprocessing config. Defaults are the MEmoBERT authors' feature recipe; the rest are marked as ours."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ class AudioConfig:
 @dataclass
 class FaceConfig:
     fps: float = 10.0
+    # Detector (ours; the authors do not name theirs). centerface: CenterFace's ONNX graph on onnxruntime,
+    # ~20x cheaper than mtcnn per frame here (docs/benchmarks.md); mtcnn: facenet-pytorch's MTCNN.
+    detector: Literal["centerface", "mtcnn"] = "centerface"
     min_confidence: float = 0.5  # detections at or below are dropped
     crop_size: int = 64
     max_gap_frames: int = 3  # tracks survive this many frames without a detection
@@ -53,7 +56,18 @@ class FaceConfig:
     # pyramid step.
     min_face_fraction: float = 0.15
     pyramid_factor: float = 0.709
-    device: str = "auto"  # auto: cuda when available, else cpu
+    # CenterFace speed knob: frames are downscaled so that the smallest face searched spans this many
+    # input pixels (its stride-4 heatmap still finds faces of ~16 px).
+    centerface_face_px: float = 16.0
+    # Detect on every k-th sampled frame (and on both sides of each shot cut); boxes and landmarks in
+    # between are interpolated along the tracks. 1 detects on every frame.
+    detect_every: int = 3
+    # A shot cut: the grey-level histograms of consecutive sampled frames differ by more than this
+    # share of their mass (total variation distance, 0..1).
+    cut_threshold: float = 0.5
+    # Frames decoded and held at once when batching detection across the cues of a video.
+    batch_frames: int = 256
+    device: str = "auto"  # auto: a GPU when this process (or Ray task) has one and the detector can use it
 
     def validate(self) -> None:
         check(0 <= self.min_confidence < 1, "min_confidence", "must be in [0, 1)")
@@ -65,6 +79,10 @@ class FaceConfig:
         check(self.max_frames >= 1, "max_frames", "must be >= 1")
         check(0 < self.min_face_fraction < 1, "min_face_fraction", "must be in (0, 1)")
         check(0.3 <= self.pyramid_factor < 1, "pyramid_factor", "must be in [0.3, 1)")
+        check(self.centerface_face_px >= 8, "centerface_face_px", "must be >= 8 (CenterFace's heatmap has stride 4)")
+        check(self.detect_every >= 1, "detect_every", "must be >= 1")
+        check(0 < self.cut_threshold <= 1, "cut_threshold", "must be in (0, 1]")
+        check(self.batch_frames >= 1, "batch_frames", "must be >= 1")
 
 
 @dataclass
@@ -122,8 +140,12 @@ class RayConfig:
     # CPU), so actors reserve none; on GPU clusters each actor takes one CPU and one GPU, or an
     # equal share of one when there are fewer GPUs than actors (pipeline.encoder_actor_options).
     cpus_per_actor: float = 0.0
+    # On GPU clusters, when the face detector can use a GPU: the share of each GPU set aside for the unit
+    # tasks' face detection (each task asks for an equal part of it); the encoder actors share the rest.
+    detection_gpu_share: float = 0.2
 
     def validate(self) -> None:
+        check(0 <= self.detection_gpu_share < 1, "detection_gpu_share", "must be in [0, 1)")
         check(self.audio_actors >= 1, "audio_actors", "must be >= 1")
         check(self.visual_actors >= 1, "visual_actors", "must be >= 1")
 

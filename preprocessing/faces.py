@@ -1,4 +1,5 @@
-"""Faces of an utterance: frames at 10 fps (decord), MTCNN boxes and 5 landmarks, IoU tracks, aligned crops.
+"""Faces of an utterance: frames at 10 fps (decord), detections on keyframes, IoU tracks filled in between,
+shot cuts, aligned crops.
 
 Crops are grey uint8 [T, 64, 64] in 0..255 with the eyes level at a fixed place (FER+ framing); the
 normalisation by the FER model's dataset mean/std happens in the visual encoder, so the crops stay
@@ -16,6 +17,7 @@ import cv2
 import numpy as np
 
 from preprocessing.config import FaceConfig
+from preprocessing.detectors import Detections, iou
 
 if TYPE_CHECKING:
     from decord import VideoReader
@@ -24,28 +26,10 @@ if TYPE_CHECKING:
 # little above the middle, about 0.38 of the width apart; matching that keeps a FER+ model in-domain.
 EYE_DISTANCE = 0.38
 EYE_HEIGHT = 0.38
-MTCNN_MIN_FACE = 20  # MTCNN's own default: the smallest face its 12 px PNet window sees reliably
 
 
 class VideoReadError(RuntimeError):
     """A video could not be opened or decoded."""
-
-
-@dataclass
-class Detections:
-    """One frame's faces: boxes [n, 4] (x1, y1, x2, y2), landmarks [n, 5, 2], scores [n]."""
-
-    boxes: np.ndarray
-    landmarks: np.ndarray
-    scores: np.ndarray
-
-    @classmethod
-    def empty(cls) -> Detections:
-        """No face in this frame."""
-        return cls(np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros(0, np.float32))
-
-    def __len__(self) -> int:
-        return len(self.scores)
 
 
 @dataclass
@@ -102,81 +86,42 @@ def read_frames(
     return frames, index / native
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> cuda when available, else cpu."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-class FaceDetector:
-    """MTCNN (facenet-pytorch, weights shipped in the wheel) over batches of frames."""
-
-    def __init__(self, cfg: FaceConfig, batch_size: int = 32):
-        from facenet_pytorch import MTCNN
-
-        self.cfg = cfg
-        self.batch_size = batch_size
-        self.mtcnn = MTCNN(keep_all=True, factor=cfg.pyramid_factor, device=resolve_device(cfg.device))
-
-    def min_face_size(self, height: int, width: int) -> int:
-        """Smallest face searched, relative to the frame so the pyramid costs the same at any resolution."""
-        return max(MTCNN_MIN_FACE, int(round(self.cfg.min_face_fraction * min(height, width))))
-
-    def detect(self, frames: np.ndarray) -> list[Detections]:
-        """Faces per frame with confidence above `min_confidence`; frames are RGB uint8 [N, H, W, 3]."""
-        if len(frames) == 0:
-            return []
-        self.mtcnn.min_face_size = self.min_face_size(*frames.shape[1:3])
-        out: list[Detections] = []
-        for lo in range(0, len(frames), self.batch_size):
-            boxes, probs, points = self.mtcnn.detect(frames[lo : lo + self.batch_size], landmarks=True)
-            out.extend(parse_mtcnn(b, p, q, self.cfg.min_confidence) for b, p, q in zip(boxes, probs, points))
-        return out
+def shot_starts(frames: np.ndarray, threshold: float, bins: int = 32) -> np.ndarray:
+    """bool [N]: frame i (> 0) starts a new shot when its grey-level histogram differs from frame i - 1's
+    by more than `threshold` of their mass (total variation distance). Frames are RGB uint8 [N, H, W, 3]."""
+    starts = np.zeros(len(frames), bool)
+    if len(frames) < 2:
+        return starts
+    hists = np.stack([np.bincount(cv2.cvtColor(cv2.resize(f, (64, 48), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+                                  .ravel() // (256 // bins), minlength=bins) for f in frames]).astype(np.float64)
+    hists /= hists.sum(axis=1, keepdims=True)
+    starts[1:] = 0.5 * np.abs(np.diff(hists, axis=0)).sum(axis=1) > threshold
+    return starts
 
 
-def parse_mtcnn(boxes, probs, points, min_confidence: float) -> Detections:
-    """One frame of MTCNN.detect output (numpy-2 object arrays; None when empty) as float32 arrays,
-    keeping faces with confidence above `min_confidence`."""
-    if boxes is None:
-        return Detections.empty()
-    boxes = np.asarray(boxes).astype(np.float32).reshape(-1, 4)
-    scores = np.asarray(probs).astype(np.float32).reshape(-1)
-    points = np.asarray(points).astype(np.float32).reshape(-1, 5, 2)
-    keep = scores > min_confidence
-    return Detections(boxes[keep], image_order(points[keep]), scores[keep])
+def keyframes(count: int, every: int, starts: np.ndarray) -> np.ndarray:
+    """Sorted indices of the frames to run the detector on: every `every`-th, the last, and both sides of
+    each shot cut (so no interpolation spans a cut)."""
+    cuts = np.flatnonzero(starts)
+    keys = np.concatenate([np.arange(0, count, every), [count - 1], cuts, cuts - 1]) if count else np.zeros(0)
+    return np.unique(keys).astype(np.int64)
 
 
-def image_order(points: np.ndarray) -> np.ndarray:
-    """Landmarks [n, 5, 2] with eyes and mouth corners in left-to-right image order, so alignment never
-    turns a face upside down when the detector swaps a pair."""
-    points = points.copy()
-    for a, b in ((0, 1), (3, 4)):
-        swap = points[:, a, 0] > points[:, b, 0]
-        points[swap, a], points[swap, b] = points[swap, b], points[swap, a]
-    return points
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of boxes a [n, 4] and b [m, 4] -> [n, m]."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
-def track_faces(detections: Sequence[Detections], max_gap_frames: int = 3, min_iou: float = 0.3) -> list[Track]:
-    """Greedy IoU tracks; a track bridges up to `max_gap_frames` frames without a match. Ids follow first
-    appearance (left to right within a frame), so they do not depend on the detector's output order."""
-    rows: list[list[tuple[int, int]]] = []  # per track: (frame, detection index)
+def track_faces(
+    detections: Sequence[Detections],
+    max_gap_frames: int = 3,
+    min_iou: float = 0.3,
+    frames: Sequence[int] | None = None,
+    shots: Sequence[int] | None = None,
+) -> list[Track]:
+    """Greedy IoU tracks over the examined frames (`frames`: their indices, default 0..N-1; `shots`: their
+    shot numbers). A track bridges up to `max_gap_frames` examined frames without a match and never a
+    shot cut. Ids follow first appearance (left to right within a frame), not the detector's output order."""
+    index = np.arange(len(detections)) if frames is None else np.asarray(frames, np.int64)
+    shot = np.zeros(len(detections), np.int64) if shots is None else np.asarray(shots)
+    rows: list[list[tuple[int, int]]] = []  # per track: (position in `detections`, detection index)
     for f, dets in enumerate(detections):
-        live = [t for t, row in enumerate(rows) if f - row[-1][0] - 1 <= max_gap_frames]
+        live = [t for t, row in enumerate(rows) if f - row[-1][0] - 1 <= max_gap_frames and shot[row[-1][0]] == shot[f]]
         taken: set[int] = set()
         matched: set[int] = set()
         if live and len(dets):
@@ -192,18 +137,55 @@ def track_faces(detections: Sequence[Detections], max_gap_frames: int = 3, min_i
                     matched.add(i)
         for j in sorted(set(range(len(dets))) - taken, key=lambda j: (dets.boxes[j, 0], dets.boxes[j, 1])):
             rows.append([(f, j)])
-    return [_track(i, row, detections) for i, row in enumerate(rows)]
+    return [_track(i, row, detections, index) for i, row in enumerate(rows)]
 
 
-def _track(track_id: int, row: list[tuple[int, int]], detections: Sequence[Detections]) -> Track:
+def _track(track_id: int, row: list[tuple[int, int]], detections: Sequence[Detections], index: np.ndarray) -> Track:
     """Gather a track's per-frame arrays."""
     return Track(
         id=track_id,
-        frames=np.array([f for f, _ in row], np.int64),
+        frames=index[[f for f, _ in row]],
         boxes=np.stack([detections[f].boxes[j] for f, j in row]),
         landmarks=np.stack([detections[f].landmarks[j] for f, j in row]),
         scores=np.array([detections[f].scores[j] for f, j in row], np.float32),
     )
+
+
+def fill_between_keyframes(track: Track, keys: np.ndarray) -> Track:
+    """The track on every frame between two consecutive keyframes where it was detected, boxes, landmarks
+    and scores interpolated linearly; frames around a keyframe where it was missed stay a gap."""
+    position = np.searchsorted(keys, track.frames)
+    frames = [track.frames[:1]]
+    for a, b in zip(range(len(track) - 1), range(1, len(track))):
+        if position[b] == position[a] + 1:
+            frames.append(np.arange(track.frames[a] + 1, track.frames[b] + 1))
+        else:
+            frames.append(track.frames[b : b + 1])
+    filled = np.concatenate(frames)
+
+    def at(values: np.ndarray) -> np.ndarray:
+        return np.stack([np.interp(filled, track.frames, v) for v in values.reshape(len(track), -1).T], axis=1)
+
+    return Track(
+        id=track.id,
+        frames=filled,
+        boxes=at(track.boxes).astype(np.float32),
+        landmarks=at(track.landmarks).reshape(-1, 5, 2).astype(np.float32),
+        scores=at(track.scores).ravel().astype(np.float32),
+    )
+
+
+def plan_keyframes(frames: np.ndarray, cfg: FaceConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(keyframe indices, shot number of each frame) of one clip's frames."""
+    starts = shot_starts(frames, cfg.cut_threshold)
+    return keyframes(len(frames), cfg.detect_every, starts), np.cumsum(starts)
+
+
+def tracks_from_keyframes(detections: Sequence[Detections], keys: np.ndarray, shots: np.ndarray, cfg: FaceConfig) -> list[Track]:
+    """Tracks over a clip's frames from detections on its keyframes, filled in between."""
+    max_gap = -(-cfg.max_gap_frames // cfg.detect_every)  # in keyframes: the same span of time as on every frame
+    tracks = track_faces(detections, max_gap, cfg.min_iou, keys, shots[keys])
+    return [fill_between_keyframes(t, keys) for t in tracks]
 
 
 def eye_alignment(

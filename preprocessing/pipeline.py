@@ -88,8 +88,9 @@ def process_unit(unit: Unit, root: str, cfg: PreprocessConfig, audio_actor: Any,
     import ray
     import torch
 
-    from preprocessing.faces import FaceDetector, open_video
-    from preprocessing.speaker import speaker_face_crops
+    from preprocessing.detectors import build_detector
+    from preprocessing.faces import open_video
+    from preprocessing.speaker import speaker_face_crops_batch
     from preprocessing.text import TextTokenizer
 
     torch.set_num_threads(1)  # Ray runs one task per core: threads inside would fight for them
@@ -100,23 +101,24 @@ def process_unit(unit: Unit, root: str, cfg: PreprocessConfig, audio_actor: Any,
         if not segments:
             raise ValueError(f"{unit.video}: no usable subtitle cue ({_describe(dropped) or 'no subtitles'})")
     tokenizer = TextTokenizer(cfg.text.vocab, cfg.text.max_tokens)
-    detector = FaceDetector(cfg.face, batch_size=32)
+    detector = build_detector(cfg.face)  # on the GPU when Ray gave this task a share of one
     reader = open_video(unit.video) if unit.video else None
     audio_track = _AudioTrack(unit.video) if unit.video and any(s.audio_path is None for s in segments) else None
 
     utterances: list[Utterance] = []
     for lo in range(0, len(segments), CHUNK):
+        chunk = segments[lo : lo + CHUNK]
+        waves = [_read_audio(seg, audio_track, cfg.segment.max_seconds) for seg in chunk]
+        found: list[Any] = [None] * len(chunk)
+        if reader is not None:  # detection batched across the chunk's cues
+            spans = [(seg.start, min(seg.end, seg.start + cfg.segment.max_seconds)) for seg in chunk]
+            found = speaker_face_crops_batch(reader, spans, waves, cfg.face, cfg.speaker, detector)
         prepared = []
-        for seg in segments[lo : lo + CHUNK]:
-            wave = _read_audio(seg, audio_track, cfg.segment.max_seconds)
-            faces = None
-            if reader is not None:
-                faces = speaker_face_crops(reader, seg.start, min(seg.end, seg.start + cfg.segment.max_seconds), wave,
-                                           cfg.face, cfg.speaker, detector)
-                if faces.reason_if_dropped:
-                    dropped[f"visual:{faces.reason_if_dropped}"] += 1
-                    if cfg.shards.drops_faceless(labeled=unit.segments is not None):
-                        continue
+        for seg, wave, faces in zip(chunk, waves, found):
+            if faces is not None and faces.reason_if_dropped:
+                dropped[f"visual:{faces.reason_if_dropped}"] += 1
+                if cfg.shards.drops_faceless(labeled=unit.segments is not None):
+                    continue
             prepared.append((seg, wave, faces))
         if not prepared:
             continue
@@ -252,15 +254,21 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
     if own_cluster:
         ray.init(address=ray_address, num_cpus=None if ray_address else cfg.ray.num_cpus,
                  include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
-    actor_options = encoder_actor_options(ray.cluster_resources().get("GPU", 0), cfg.ray)
+    gpus, cpus = ray.cluster_resources().get("GPU", 0), ray.cluster_resources().get("CPU", 1)
+    task_options = detection_task_options(gpus, cpus, cfg)
+    reserved = cfg.ray.detection_gpu_share if "num_gpus" in task_options else 0.0
+    actor_options = encoder_actor_options(gpus, cfg.ray, reserved)
     audio_pool = [ray.remote(AudioEncoderActor).options(**actor_options).remote(cfg) for _ in range(cfg.ray.audio_actors)]
     visual_pool = [ray.remote(VisualEncoderActor).options(**actor_options).remote(cfg) for _ in range(cfg.ray.visual_actors)]
-    task = ray.remote(process_unit).options(num_cpus=1, max_retries=0)
+    task = ray.remote(process_unit).options(**task_options, max_retries=0)
     root = str(source if source.is_dir() else source.parent)
 
     pending: dict[Any, Unit] = {}
     queue = list(todo)
-    window = max(1, int(ray.cluster_resources().get("CPU", 1)) * 2)
+    # One task in flight per CPU. A task waiting on the encoder actors frees its CPU, and a queued task
+    # would then make Ray start a fresh worker process (~5 CPU-s to import torch, onnxruntime...) that it
+    # kills again when idle: with short units that churn cost more than the units (docs/benchmarks.md).
+    window = max(1, int(ray.cluster_resources().get("CPU", 1)))
     progress = tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", desc="preprocess", dynamic_ncols=True)
     written, start = 0, time.perf_counter()
     retry_later: list[str] = []  # units hit by a Ray failure: left unrecorded, so a rerun processes them
@@ -303,7 +311,7 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
         max_bytes=cfg.shards.max_bytes,
         max_count=cfg.shards.max_count,
         dims={"audio": audio_info["dim"], "visual": visual_info["dim"], "vprob": 8},
-        extractors={"audio": audio_info, "visual": visual_info, "text": _text_info(cfg), "faces": {"name": "mtcnn/facenet-pytorch"}},
+        extractors={"audio": audio_info, "visual": visual_info, "text": _text_info(cfg), "faces": _face_info(cfg)},
         settings={"config": to_dict(cfg), "source": str(source), "corpus_dropped": dict(corpus_dropped),
                   "units": {name: r.__dict__ for name, r in sorted(output.finished_units().items())}},
         shuffle_seed=None if labeled else cfg.seed,
@@ -314,15 +322,33 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
     return manifest
 
 
-def encoder_actor_options(gpus: float, cfg: RayConfig) -> dict[str, Any]:
-    """Ray options of each encoder actor: all actors fit at once, sharing a GPU when there are fewer GPUs than actors."""
+def encoder_actor_options(gpus: float, cfg: RayConfig, reserved: float = 0.0) -> dict[str, Any]:
+    """Ray options of each encoder actor: all actors fit at once, sharing a GPU when there are fewer GPUs than
+    actors, in the share of each GPU left after `reserved` (the unit tasks' face detection)."""
     restarts = {"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}  # encode calls are pure: safe to rerun
     if gpus < 1:
         return {"num_cpus": cfg.cpus_per_actor, **restarts}
     # Ray puts a fractional actor on a single GPU, so give each GPU a whole number of equal shares (an even
     # split like 2 GPUs / 3 actors = 0.67 would fit one actor per GPU and leave the third waiting forever).
     per_gpu = math.ceil((cfg.audio_actors + cfg.visual_actors) / int(gpus))
-    return {"num_gpus": math.floor(10_000 / per_gpu) / 10_000, "num_cpus": 1, **restarts}  # Ray's 1e-4 resource grain
+    return {"num_gpus": _grain((1.0 - reserved) / per_gpu), "num_cpus": 1, **restarts}
+
+
+def detection_task_options(gpus: float, cpus: float, cfg: PreprocessConfig) -> dict[str, Any]:
+    """Ray options of each unit task: one CPU, plus an equal part of `ray.detection_gpu_share` of the cluster's
+    GPUs when it has any and the face detector can run on one (Ray hides GPUs from tasks that ask for none,
+    so this share is what lets `face.device: auto` find a GPU inside the task)."""
+    from preprocessing.detectors import detector_can_use_gpu
+
+    if gpus < 1 or cfg.face.device == "cpu" or cfg.ray.detection_gpu_share == 0 or not detector_can_use_gpu(cfg.face):
+        return {"num_cpus": 1}
+    tasks_per_gpu = math.ceil(cpus / int(gpus))
+    return {"num_cpus": 1, "num_gpus": _grain(cfg.ray.detection_gpu_share / tasks_per_gpu)}
+
+
+def _grain(share: float) -> float:
+    """A GPU share rounded down to Ray's resource grain (1e-4), never to zero."""
+    return max(math.floor(share * 10_000), 1) / 10_000
 
 
 def is_ray_system_error(err: BaseException) -> bool:
@@ -336,6 +362,13 @@ def is_ray_system_error(err: BaseException) -> bool:
     # A task that called a dead actor fails with the actor's error as its cause, possibly nested.
     cause = getattr(err, "cause", None) if isinstance(err, rex.RayTaskError) else None
     return cause is not None and cause is not err and is_ray_system_error(cause)
+
+
+def _face_info(cfg: PreprocessConfig) -> dict[str, Any]:
+    from preprocessing.detectors import CenterFaceDetector, MtcnnDetector
+
+    name = {"centerface": CenterFaceDetector.name, "mtcnn": MtcnnDetector.name}[cfg.face.detector]
+    return {"name": name, "detect_every": cfg.face.detect_every}
 
 
 def _text_info(cfg: PreprocessConfig) -> dict[str, Any]:

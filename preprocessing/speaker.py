@@ -1,7 +1,7 @@
 """Active speaker: the face track whose mouth changes while voice is active, and its aligned crops.
 
-The authors' rule (shared/REFERENCE.md) scores each tracked face by how many of its mouth-change frames
-overlap voice activity, drops zero scores and keeps the best. MTCNN gives 5 landmarks, not 68, so a
+The authors' rule scores each tracked face by how many of its mouth-change frames
+overlap voice activity, drops zero scores and keeps the best. Our detectors give 5 landmarks, not 68, so a
 "mouth change" here is a change of the landmark-aligned mouth patch between consecutive 10 fps frames
 instead of a lip height/width change. Score of a track = share of the clip's frame steps in which its
 mouth changes while voice is active (0..1); ties go to the larger voiced mouth motion.
@@ -10,6 +10,7 @@ mouth changes while voice is active (0..1); ties go to the larger voiced mouth m
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,15 +19,17 @@ import cv2
 import numpy as np
 
 from preprocessing.config import FaceConfig, SpeakerConfig
+from preprocessing.detectors import FaceDetector
 from preprocessing.faces import (
-    FaceDetector,
     Track,
     aligned_crops,
     main_face_fraction,
+    open_video,
+    plan_keyframes,
     read_frames,
     subsample,
     to_grey,
-    track_faces,
+    tracks_from_keyframes,
 )
 
 if TYPE_CHECKING:
@@ -202,13 +205,59 @@ def speaker_face_crops(
     speaker_cfg: SpeakerConfig,
     detector: FaceDetector,
 ) -> FaceResult:
-    """One utterance: read -> detect -> track -> clip rules -> active speaker -> aligned crops.
+    """One utterance: read -> detect on keyframes -> track -> clip rules -> active speaker -> aligned crops.
 
     `video_path` may also be an open decord VideoReader (reuse one per video); `audio_16k` is the
     utterance's own audio (16 kHz mono, starting at `start`).
     """
-    frames, times = read_frames(video_path, start, end, face_cfg.fps)
-    tracks = track_faces(detector.detect(frames), face_cfg.max_gap_frames, face_cfg.min_iou)
+    return speaker_face_crops_batch(video_path, [(start, end)], [audio_16k], face_cfg, speaker_cfg, detector)[0]
+
+
+def speaker_face_crops_batch(
+    video: str | Path | VideoReader,
+    spans: Sequence[tuple[float, float]],
+    audios: Sequence[np.ndarray],
+    face_cfg: FaceConfig,
+    speaker_cfg: SpeakerConfig,
+    detector: FaceDetector,
+) -> list[FaceResult]:
+    """speaker_face_crops for several cues of one video, with one detector call per group of cues holding
+    at most `face_cfg.batch_frames` sampled frames (a GPU detector wants large batches; memory bounds them)."""
+    reader = open_video(video) if isinstance(video, (str, Path)) else video
+    results: list[FaceResult] = []
+    for group in _frame_groups(spans, face_cfg):
+        clips = [read_frames(reader, *spans[i], face_cfg.fps) for i in group]
+        plans = [plan_keyframes(frames, face_cfg) for frames, _ in clips]
+        keyed = [frames[keys] for (frames, _), (keys, _) in zip(clips, plans)]
+        found = detector.detect(np.concatenate(keyed)) if sum(map(len, keyed)) else []
+        bounds = np.cumsum([0] + [len(k) for k in keyed])
+        for n, i in enumerate(group):
+            (frames, times), (keys, shots) = clips[n], plans[n]
+            tracks = tracks_from_keyframes(found[bounds[n] : bounds[n + 1]], keys, shots, face_cfg)
+            results.append(_speaker_crops(frames, times, spans[i][0], tracks, audios[i], face_cfg, speaker_cfg))
+    return results
+
+
+def _frame_groups(spans: Sequence[tuple[float, float]], cfg: FaceConfig) -> list[list[int]]:
+    """Consecutive cue indices grouped so that each group samples at most `cfg.batch_frames` frames (a longer
+    cue alone makes a group)."""
+    groups: list[list[int]] = []
+    total = 0.0
+    for i, (start, end) in enumerate(spans):
+        frames = np.ceil((end - start) * cfg.fps)
+        if not groups or total + frames > cfg.batch_frames:
+            groups.append([])
+            total = 0.0
+        groups[-1].append(i)
+        total += frames
+    return groups
+
+
+def _speaker_crops(
+    frames: np.ndarray, times: np.ndarray, start: float, tracks: list[Track], audio_16k: np.ndarray,
+    face_cfg: FaceConfig, speaker_cfg: SpeakerConfig,
+) -> FaceResult:
+    """Clip rules, active speaker and crops of one cue whose frames are at video `times` and whose audio starts at `start`."""
     if not tracks:
         return _dropped("no_face", {}, face_cfg.crop_size)
     if main_face_fraction(tracks, len(frames)) < face_cfg.min_track_fraction:

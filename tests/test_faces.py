@@ -1,4 +1,5 @@
-"""Faces: decord frame sampling, real MTCNN detections, IoU tracking, eye-levelled 64x64 grey crops."""
+"""Faces: decord frame sampling, real CenterFace and MTCNN detections, keyframes, IoU tracking, shot cuts,
+eye-levelled 64x64 grey crops."""
 
 from __future__ import annotations
 
@@ -12,25 +13,34 @@ import pytest
 import skimage.data
 
 from preprocessing.config import FaceConfig
+from preprocessing.detectors import Detections, FaceDetector, MtcnnDetector, build_detector, parse_mtcnn
 from preprocessing.faces import (
     EYE_DISTANCE,
     EYE_HEIGHT,
-    Detections,
-    FaceDetector,
     VideoReadError,
     aligned_crops,
     eye_alignment,
+    fill_between_keyframes,
+    keyframes,
     main_face_fraction,
-    parse_mtcnn,
     read_frames,
+    shot_starts,
     subsample,
     track_faces,
+    tracks_from_keyframes,
 )
+
+DETECTORS = ("centerface", "mtcnn")
 
 
 @pytest.fixture(scope="module")
 def detector() -> FaceDetector:
-    return FaceDetector(FaceConfig(device="cpu"))
+    return build_detector(FaceConfig(detector="mtcnn", device="cpu"))
+
+
+@pytest.fixture(scope="module", params=DETECTORS)
+def any_detector(request: pytest.FixtureRequest) -> FaceDetector:
+    return build_detector(FaceConfig(detector=request.param, device="cpu"))
 
 
 def eyes(detector: FaceDetector, image: np.ndarray) -> np.ndarray:
@@ -40,17 +50,47 @@ def eyes(detector: FaceDetector, image: np.ndarray) -> np.ndarray:
     return dets.landmarks[int(np.argmax(dets.scores)), :2]
 
 
-def test_mtcnn_finds_the_astronaut_with_five_landmarks(detector: FaceDetector) -> None:
-    image = skimage.data.astronaut()
-    (dets,) = detector.detect(image[None])
-    assert len(dets) == 1 and dets.scores[0] > 0.9
+def photos() -> dict[str, np.ndarray]:
+    """The face photographs that ship offline: scikit-image's astronaut and cameraman, matplotlib's Grace Hopper."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        hopper = np.asarray(Image.open(f).convert("RGB"))
+    return {"astronaut": skimage.data.astronaut(), "cameraman": cv2.cvtColor(skimage.data.camera(), cv2.COLOR_GRAY2RGB),
+            "grace_hopper": hopper}
+
+
+def test_mtcnn_is_still_selectable_and_centerface_is_the_default() -> None:
+    assert FaceConfig().detector == "centerface"
+    assert isinstance(build_detector(FaceConfig(detector="mtcnn", device="cpu")), MtcnnDetector)
+
+
+@pytest.mark.parametrize("photo", ["astronaut", "cameraman", "grace_hopper"])
+def test_every_detector_finds_the_face_in_real_photographs(any_detector: FaceDetector, photo: str) -> None:
+    image = photos()[photo]
+    (dets,) = any_detector.detect(image[None])
+    assert len(dets) == 1 and dets.scores[0] > 0.5
     assert dets.boxes.dtype == np.float32 and dets.landmarks.shape == (1, 5, 2)
     x1, y1, x2, y2 = dets.boxes[0]
+    assert 0 <= x1 < x2 <= image.shape[1] and 0 <= y1 < y2 <= image.shape[0]
     points = dets.landmarks[0]
     assert np.all((points[:, 0] > x1) & (points[:, 0] < x2) & (points[:, 1] > y1) & (points[:, 1] < y2))
     left_eye, right_eye, nose, mouth_left, mouth_right = points
     assert left_eye[0] < right_eye[0] and mouth_left[0] < mouth_right[0]
     assert max(left_eye[1], right_eye[1]) < nose[1] < min(mouth_left[1], mouth_right[1])
+
+
+def test_both_detectors_agree_on_the_astronaut_in_a_batch_of_frames() -> None:
+    image = skimage.data.astronaut()
+    batch = np.stack([image, np.zeros_like(image), image[:, ::-1].copy()])
+    found = {name: build_detector(FaceConfig(detector=name, device="cpu")).detect(batch) for name in DETECTORS}
+    for name, dets in found.items():
+        assert [len(d) for d in dets] == [1, 0, 1], name
+    centre = {name: (dets[0].boxes[0, :2] + dets[0].boxes[0, 2:]) / 2 for name, dets in found.items()}
+    assert np.abs(centre["centerface"] - centre["mtcnn"]).max() < 10  # pixels, in a 512 x 512 photo
+    mirrored = found["centerface"][2].boxes[0]
+    assert mirrored[0] == pytest.approx(512 - found["centerface"][0].boxes[0, 2], abs=4)
 
 
 def test_parse_mtcnn_casts_object_arrays_and_drops_low_confidence() -> None:
@@ -105,6 +145,52 @@ def test_track_ids_follow_first_appearance_left_to_right() -> None:
     tracks = track_faces(frames)
     assert [(t.id, float(t.boxes[0, 0])) for t in tracks] == [(0, 10.0), (1, 200.0)]
     assert all(len(t) == 2 for t in tracks)
+
+
+def test_tracks_are_filled_between_keyframes() -> None:
+    # A face walking right 2 px per frame, detected on keyframes 0, 3, 6 only.
+    keys = keyframes(7, 3, np.zeros(7, bool))
+    assert keys.tolist() == [0, 3, 6]
+    (track,) = tracks_from_keyframes(frames_of(*[[box(10 + 2 * f, 10)] for f in keys]), keys, np.zeros(7, np.int64),
+                                     FaceConfig(detect_every=3))
+    assert track.frames.tolist() == list(range(7))
+    np.testing.assert_allclose(track.boxes[:, 0], 10 + 2 * np.arange(7), atol=1e-5)
+    np.testing.assert_allclose(track.landmarks[:, 0, 0], 10 + 2 * np.arange(7) + 0.3 * 40, atol=1e-4)
+    assert track.landmarks.shape == (7, 5, 2) and track.scores.shape == (7,)
+
+
+def test_a_missed_keyframe_leaves_a_gap_instead_of_a_guess() -> None:
+    keys = np.array([0, 3, 6, 9])
+    dets = frames_of([box(10, 10)], [], [box(12, 10)], [box(13, 10)])
+    (track,) = track_faces(dets, max_gap_frames=1, frames=keys)
+    assert track.frames.tolist() == [0, 6, 9]
+    filled = fill_between_keyframes(track, keys)
+    assert filled.frames.tolist() == [0, 6, 7, 8, 9]  # nothing invented around keyframe 3, where it was missed
+
+
+def cut_clip() -> np.ndarray:
+    """12 frames of 120 x 160: a dark scene, then from frame 7 a bright one; mild noise in every frame."""
+    rng = np.random.default_rng(0)
+    frames = np.concatenate([np.full((7, 120, 160, 3), 50, np.uint8), np.full((5, 120, 160, 3), 190, np.uint8)])
+    return np.clip(frames + rng.normal(0, 4, frames.shape), 0, 255).astype(np.uint8)
+
+
+def test_a_shot_cut_is_found_and_both_sides_are_detected() -> None:
+    frames = cut_clip()
+    starts = shot_starts(frames, FaceConfig().cut_threshold)
+    assert np.flatnonzero(starts).tolist() == [7]
+    assert keyframes(len(frames), 5, starts).tolist() == [0, 5, 6, 7, 10, 11]
+    assert not shot_starts(frames[:7], FaceConfig().cut_threshold).any()  # noise alone is no cut
+
+
+def test_tracks_never_cross_a_shot_cut() -> None:
+    # The same place on both sides of the cut (an over-the-shoulder reverse shot): two tracks, not one.
+    frames = cut_clip()
+    starts = shot_starts(frames, FaceConfig().cut_threshold)
+    keys = keyframes(len(frames), 5, starts)
+    tracks = tracks_from_keyframes(frames_of(*[[box(40, 30)] for _ in keys]), keys, np.cumsum(starts),
+                                   FaceConfig(detect_every=5))
+    assert [t.frames.tolist() for t in tracks] == [list(range(7)), list(range(7, 12))]
 
 
 def test_crop_levels_the_eyes_of_a_tilted_face(detector: FaceDetector) -> None:
@@ -174,3 +260,12 @@ def test_read_frames_names_the_file_on_errors(tmp_path: Path) -> None:
     broken.write_bytes(b"not a video at all" * 100)
     with pytest.raises(VideoReadError, match="broken.mp4"):
         read_frames(broken, 0, 1)
+
+
+def test_centerface_on_cuda_without_the_cuda_provider_names_the_key() -> None:
+    from preprocessing.detectors import onnx_cuda_available
+
+    if onnx_cuda_available():
+        pytest.skip("onnxruntime-gpu is installed: CUDA is a valid choice here")
+    with pytest.raises(ValueError, match="face.device='cuda'.*onnxruntime-gpu"):
+        build_detector(FaceConfig(detector="centerface", device="cuda"))

@@ -25,13 +25,15 @@ import pytest
 from memobert.schema import Manifest
 from preprocessing.adapters import CorpusError, load_iemocap
 from preprocessing.config import PreprocessConfig, RayConfig
-from preprocessing.pipeline import discover_units, encoder_actor_options, is_ray_system_error
+from preprocessing.pipeline import detection_task_options, discover_units, encoder_actor_options, is_ray_system_error
 from preprocessing.shards import read_utterances
 from preprocessing.subtitles import SubtitleError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(REPO / "configs/preprocess/tiny_cpu.yaml")]
-MOVIES = ("movie_0000", "movie_0005")  # a sidecar .srt and an embedded subtitle stream
+# A sidecar .srt and an embedded subtitle stream, and two more so that a kill after the first finished
+# unit still finds work in flight (a unit takes a few seconds on the fast face path).
+MOVIES = ("movie_0000", "movie_0005", "movie_0001", "movie_0002")
 
 
 def _link_movies(corpus: Path, folder: Path, names: tuple[str, ...]) -> Path:
@@ -101,15 +103,17 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_shards(movies: dict[str, Pat
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log = out / "units.jsonl"
     deadline = time.monotonic() + 600
-    while not (log.is_file() and log.read_text().count("\n") >= 1):  # one unit finished, the other in flight
+    while not (log.is_file() and log.read_text().count("\n") >= 1):  # one unit finished, others in flight
         assert proc.poll() is None and time.monotonic() < deadline, "preprocess ended before it could be killed"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
+    done = log.read_text().count("\n")
+    assert 1 <= done < len(MOVIES)
 
     rerun = _preprocess(movies["source"], out)
-    assert "1 already done" in rerun.stderr
+    assert f"{done} already done" in rerun.stderr
     assert _digests(out) == _digests(movies["out"])  # same keys, same bytes: no duplicate, nothing lost
 
 
@@ -214,6 +218,53 @@ def test_encoder_actors_share_the_gpus_so_all_of_them_start(gpus: int, audio: in
     assert options["max_restarts"] > 0 and options["max_task_retries"] > 0
     cpu = encoder_actor_options(0, RayConfig(cpus_per_actor=0.5))
     assert "num_gpus" not in cpu and cpu["num_cpus"] == 0.5 and cpu["max_restarts"] > 0
+
+
+@pytest.mark.parametrize(("gpus", "cpus", "task_share"), [(1, 16, 0.0125), (2, 16, 0.025), (1, 2, 0.1), (4, 6, 0.1)])
+def test_detection_tasks_and_encoder_actors_fit_on_the_gpus_together(gpus: int, cpus: int, task_share: float) -> None:
+    cfg = PreprocessConfig()
+    cfg.face.detector = "mtcnn"  # a GPU path with what is installed here (torch); CenterFace's needs onnxruntime-gpu
+    task = detection_task_options(gpus, cpus, cfg)
+    assert task == {"num_cpus": 1, "num_gpus": task_share}
+    actors = encoder_actor_options(gpus, cfg.ray, reserved=cfg.ray.detection_gpu_share)
+    per_gpu = -(-(cfg.ray.audio_actors + cfg.ray.visual_actors) // gpus)
+    assert per_gpu * actors["num_gpus"] + -(-cpus // gpus) * task["num_gpus"] <= 1.0 + 1e-9  # one task per CPU and every actor fit
+
+
+def test_detection_tasks_ask_for_no_gpu_when_they_could_not_use_one() -> None:
+    from preprocessing.detectors import onnx_cuda_available
+
+    cfg = PreprocessConfig()
+    assert detection_task_options(0, 16, cfg) == {"num_cpus": 1}  # a CPU cluster
+    cfg.face.detector = "mtcnn"
+    cfg.face.device = "cpu"
+    assert detection_task_options(1, 16, cfg) == {"num_cpus": 1}
+    cfg.face.detector, cfg.face.device = "centerface", "auto"
+    assert ("num_gpus" in detection_task_options(1, 16, cfg)) == onnx_cuda_available()  # False with the CPU onnxruntime
+
+
+def test_face_device_auto_follows_the_gpu_ray_assigned_to_the_task() -> None:
+    # No GPU exists on this machine, so Ray is told the node has one: Ray's assignment (what the resolver
+    # reads) is real, the GPU is not. Torch in the driver sees none, which is the point: the task decides.
+    import ray
+
+    from preprocessing.detectors import resolve_device
+
+    def probe() -> tuple[str, str | None]:
+        return resolve_device("auto"), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        task = ray.remote(probe)
+        with_gpu = ray.get(task.options(num_cpus=1, num_gpus=0.1).remote())
+        without = ray.get(task.options(num_cpus=1).remote())
+    finally:
+        ray.shutdown()
+    assert with_gpu == ("cuda", "0")
+    assert without[0] == "cpu" and not without[1]
+    assert resolve_device("auto") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    assert resolve_device("auto", cuda_usable=True) == "cuda"
 
 
 def test_ray_failures_are_not_recorded_as_the_units_fault() -> None:

@@ -15,13 +15,15 @@ import soundfile
 from decord import AudioReader
 
 from preprocessing.config import FaceConfig, SpeakerConfig
-from preprocessing.faces import FaceDetector, read_frames, to_grey, track_faces
+from preprocessing.detectors import FaceDetector, build_detector
+from preprocessing.faces import read_frames, to_grey, track_faces
 from preprocessing.speaker import (
     SAMPLE_RATE,
     FaceResult,
     VAD_FRAME,
     mouth_motion,
     speaker_face_crops,
+    speaker_face_crops_batch,
     voice_activity,
 )
 
@@ -110,7 +112,20 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def detector() -> FaceDetector:
-    return FaceDetector(FaceConfig(device="cpu"))
+    return build_detector(FaceConfig(device="cpu"))
+
+
+# The default fast path (CenterFace on every 3rd frame, tracks filled in between) and the old one (MTCNN
+# on every frame): the speaker choice must not depend on which one runs.
+SETTINGS = {
+    "centerface_every_3": FaceConfig(device="cpu"),
+    "mtcnn_every_frame": FaceConfig(detector="mtcnn", detect_every=1, device="cpu"),
+}
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
+def setting(request: pytest.FixtureRequest) -> tuple[FaceConfig, FaceDetector]:
+    return SETTINGS[request.param], build_detector(SETTINGS[request.param])
 
 
 def test_webrtcvad_follows_the_voiced_envelope_and_ignores_near_silence() -> None:
@@ -139,8 +154,10 @@ def test_mouth_motion_is_larger_for_the_moving_mouth(clips: dict[str, Path], det
 
 
 @pytest.mark.parametrize("name, side", [("left_speaks", 0), ("right_speaks", 1)])
-def test_the_speaking_face_is_chosen(clips: dict[str, Path], detector: FaceDetector, name: str, side: int) -> None:
-    result = whole_clip(clips[name], detector)
+def test_the_speaking_face_is_chosen(clips: dict[str, Path], setting: tuple[FaceConfig, FaceDetector], name: str,
+                                     side: int) -> None:
+    face_cfg, detector = setting
+    result = whole_clip(clips[name], detector, face_cfg)
     assert result.reason_if_dropped is None and result.track_id is not None
     centre_x = (result.boxes[:, 0] + result.boxes[:, 2]) / 2
     assert np.all((centre_x > SPEAKER_SPLIT_X) == bool(side))
@@ -176,7 +193,7 @@ def test_a_main_face_in_under_20pct_of_frames_is_dropped(clips: dict[str, Path],
     assert lenient.reason_if_dropped != "main_face_under_20pct"
 
 
-def test_the_synthetic_corpus_speaker_is_chosen(synth_corpus: Path, detector: FaceDetector) -> None:
+def test_the_synthetic_corpus_speaker_is_chosen(synth_corpus: Path, setting: tuple[FaceConfig, FaceDetector]) -> None:
     # The first two kept cues of every movie (both people, both sides, every subtitle format's video),
     # each cut to its first 2 s to keep the test short.
     cues = []
@@ -189,7 +206,7 @@ def test_the_synthetic_corpus_speaker_is_chosen(synth_corpus: Path, detector: Fa
     for video, cue in cues:
         start, end = cue["start"], min(cue["end"], cue["start"] + 2.0)
         wave = audio[video][int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
-        result = speaker_face_crops(video, start, end, wave, FaceConfig(), SpeakerConfig(), detector)
+        result = speaker_face_crops(video, start, end, wave, setting[0], SpeakerConfig(), setting[1])
         if result.reason_if_dropped is not None:
             continue
         kept += 1
@@ -198,3 +215,31 @@ def test_the_synthetic_corpus_speaker_is_chosen(synth_corpus: Path, detector: Fa
         correct += bool(np.all((x1 < cx) & (cx < x2) & (y1 < cy) & (cy < y2)))
     assert len(cues) >= 10 and kept >= 0.8 * len(cues)
     assert correct >= 0.9 * kept
+
+
+def test_detection_is_batched_across_cues_with_the_same_result(clips: dict[str, Path], detector: FaceDetector) -> None:
+    video = clips["left_speaks"]
+    audio = clip_audio(video)
+    spans = [(0.0, 1.2), (1.0, 2.0), (1.5, 3.0)]
+    waves = [audio[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)] for a, b in spans]
+    calls: list[int] = []
+
+    class Counting:  # the real detector, with its calls counted
+        name, device = detector.name, detector.device
+
+        def detect(self, frames: np.ndarray) -> list:
+            calls.append(len(frames))
+            return detector.detect(frames)
+
+    batched = speaker_face_crops_batch(video, spans, waves, FaceConfig(), SpeakerConfig(), Counting())
+    assert len(calls) == 1  # 37 frames of three cues, under batch_frames
+    one_by_one = [speaker_face_crops(video, a, b, w, FaceConfig(), SpeakerConfig(), Counting())
+                  for (a, b), w in zip(spans, waves)]
+    assert len(calls) == 4 and calls[0] == sum(calls[1:])
+    small = speaker_face_crops_batch(video, spans, waves, FaceConfig(batch_frames=12), SpeakerConfig(), Counting())
+    assert len(calls) == 7  # one group per cue when each fills the frame budget
+    for together, alone, grouped in zip(batched, one_by_one, small):
+        assert together.track_id == alone.track_id == grouped.track_id == 0
+        np.testing.assert_allclose(together.boxes, alone.boxes, atol=1e-3)
+        np.testing.assert_allclose(together.times, alone.times)
+        np.testing.assert_array_equal(together.crops, grouped.crops)
