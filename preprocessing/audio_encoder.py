@@ -2,7 +2,7 @@
 
 One interface, `Wav2Vec2Encoder`, over two backends:
 - transformers: `Wav2Vec2Model` from a local HF folder (facebook/wav2vec2-base layout), never downloaded;
-- fairseq2: a fairseq2 checkpoint or an original fairseq wav2vec2 .pt (keys renamed as shared/STACK.md says).
+- fairseq2: a fairseq2 checkpoint or an original fairseq wav2vec2 .pt (fairseq's keys converted to fairseq2's by `_load_fairseq2_state`).
 `AudioConfig.weights = None` builds a randomly initialised `arch` (tests and demo), deterministic by a seed.
 
 Utterances are sorted by length and packed into padded batches. Padding must not leak into the features:

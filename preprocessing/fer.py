@@ -1,6 +1,6 @@
 """DenseNet-FER+ visual encoder: the network, FER+ data, training and the inference wrapper.
 
-DenseNet-BC-100 as MEmoBERT used it (shared/REFERENCE.md): growth 12, three dense blocks of 16
+DenseNet-BC-100 as MEmoBERT used it (docs/recipe.md): growth 12, three dense blocks of 16
 bottleneck layers, 24 initial features, compression 0.5, on 64x64 grey faces. Feature width:
 24 -> +16*12 = 216 -> transition 108 -> +192 = 300 -> transition 150 -> +192 = 342, then an 8-way head
 over the FER+ classes. Inputs are grey values on the 0..255 scale, normalised by the mean/std of the

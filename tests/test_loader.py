@@ -155,11 +155,11 @@ def test_filters_drop_and_count_each_reason(shards: Path) -> None:
 
 
 def test_filter_defaults_are_the_authors_and_bad_values_name_the_key() -> None:
-    data = load_config(PretrainConfig).data
+    data = load_config(PretrainConfig, overrides=["model.init_from=none"]).data
     assert (data.max_text_tokens, data.min_words, data.min_visual_len, data.open_shards) == (30, 3, 10, 4)
     for key, bad in (("max_text_tokens", -1), ("min_words", -1), ("open_shards", 0)):
         with pytest.raises(ConfigError, match=key):
-            load_config(PretrainConfig, overrides=[f"data.{key}={bad}"])
+            load_config(PretrainConfig, overrides=["model.init_from=none", f"data.{key}={bad}"])
 
 
 def _clip(key: str, text: str, n_tokens: int, n_visual: int) -> Utterance:

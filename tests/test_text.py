@@ -55,7 +55,7 @@ def test_special_ids_and_label_words(tok: TextTokenizer) -> None:
     assert (tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id, tok.vocab_size) == (101, 102, 103, 0, 30522)
     assert tok.first_word_id == 999 and tok._tok.id_to_token(999) == "!"  # after [unused993]: UNITER's v_range
     ids = tok.label_word_ids(["anger", "happy", "neutral", "sad"])
-    # bert-base-uncased: anger 4963, happy 3407, neutral 8699, sad 6517 (REFERENCE lists the same four ids).
+    # bert-base-uncased: anger 4963, happy 3407, neutral 8699, sad 6517 (the ids the authors' prompt scripts use).
     assert ids == [4963, 3407, 8699, 6517]
     assert set(ids) == {8699, 4963, 6517, 3407}
     with pytest.raises(ValueError, match="not one WordPiece"):
