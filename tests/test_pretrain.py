@@ -259,7 +259,7 @@ def _nan_shards(folder: Path, every: int) -> Path:
             if i % every == 0:
                 audio[3] = np.nan
             sink.write(encode(Utterance(
-                key=f"u{i:04d}", meta={"id": i}, tokens=rng.integers(1000, 2000, 12), words=np.arange(12),
+                key=f"u{i:04d}", meta={"id": i, "text": "a line long enough to pass the word filter"}, tokens=rng.integers(1000, 2000, 12), words=np.arange(12),
                 audio=audio, visual=rng.normal(size=(15, TINY_DIMS["visual"])), vprob=np.full((15, 8), 0.125),
             )))
     Manifest(shards={"shard-000000.tar": 48}, dims=dict(TINY_DIMS)).save(folder)
