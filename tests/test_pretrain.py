@@ -179,7 +179,7 @@ def _stopped_at(run: Path, step: int, into: Path) -> Path:
 def test_resume_continues_the_same_run(tmp_path: Path, shards: dict[str, Path], uninterrupted: dict[str, Path],
                                        precision: str) -> None:
     # bf16 runs DeepSpeed's bf16 engine on the CPU: the GPU's optimizer, fp32 master weights and checkpoint format.
-    # A periodic checkpoint and stop_at's are written by the same save (stop_at's exit is checked on 2 ranks below).
+    # A periodic checkpoint and stop_at's are written by the same save (stop_at's exit: the SIGTERM test).
     whole_run = uninterrupted[precision]
     split_run = _stopped_at(whole_run, 4, tmp_path / "split")
     second = _pretrain(split_run, shards, *RESUME, f"train.precision={precision}")
@@ -224,6 +224,7 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes(tmp_path: Path, shard
 
     rerun = _pretrain(out, shards, "train.steps=100000", f"train.stop_at={stopped['step'] + 2}", "train.log_every=1")
     assert f"resumed from {out / 'checkpoints'} at step {stopped['step']}" in rerun.stderr
+    assert f"step {stopped['step'] + 2} (stop_at)" in rerun.stdout
     steps = [m["step"] for m in _metrics(out)]
     assert steps[-2:] == [stopped["step"] + 1, stopped["step"] + 2]  # continued, not restarted
 
@@ -244,18 +245,31 @@ def test_compiled_layers_train_like_eager(tmp_path: Path, shards: dict[str, Path
         torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+TWO_RANKS = ["train.steps=5", "train.log_every=1", "train.micro_batch=4", "train.grad_accum=2", "optim.warmup_steps=1",
+             "train.ckpt_every=3"]
+
+
+@pytest.fixture(scope="module")
+def zero_stages(shards: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, str]]:
+    """5 steps on 2 ranks under each ZeRO stage, checkpoints at steps 3 and 5 -> (run folder, stderr): the
+    stages' comparison, and ZeRO-1's step-3 checkpoint is where the resume on one rank starts."""
+    root = tmp_path_factory.mktemp("zero_stages")
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        out = root / f"zero{stage}"
+        runs[stage] = (out, _pretrain(out, shards, *TWO_RANKS, f"train.zero_stage={stage}", nproc=2).stderr)
+    return runs
+
+
 @pytest.mark.slow
-def test_two_ranks_same_losses_across_zero_stages(tmp_path: Path, shards: dict[str, Path]) -> None:
-    common = ["train.steps=5", "train.log_every=1", "train.micro_batch=4", "train.grad_accum=2", "optim.warmup_steps=1"]
+def test_two_ranks_same_losses_across_zero_stages(zero_stages: dict[int, tuple[Path, str]]) -> None:
     from pretrain.export import load_checkpoint_model
 
     losses, counts = {}, {}
-    for stage in (0, 1, 2, 3):
-        out = tmp_path / f"zero{stage}"
-        run = _pretrain(out, shards, *common, f"train.zero_stage={stage}", nproc=2)
+    for stage, (out, stderr) in zero_stages.items():
         losses[stage] = _train_losses(out)
         # MFU's parameter count: ZeRO-3 empties each rank's tensors, and the count must not see that.
-        counts[stage] = {line.split("tiny: ")[1] for line in run.stderr.splitlines() if "(the N of MFU's 6N)" in line}
+        counts[stage] = {line.split("tiny: ")[1] for line in stderr.splitlines() if "(the N of MFU's 6N)" in line}
         assert json.loads((out / "checkpoints/step_5/trainer_state.json").read_text())["world_size"] == 2
     assert [step for step, _ in losses[0]] == [1, 2, 3, 4, 5]
     assert all(len(found) == 1 for found in counts.values()) and len(set.union(*counts.values())) == 1, counts
@@ -271,8 +285,8 @@ def test_two_ranks_same_losses_across_zero_stages(tmp_path: Path, shards: dict[s
     # ZeRO-3 partitions the weights themselves: its checkpoint must still load whole. Within 5 steps
     # of lr 1e-3 of the replicated run's weights; a lost or misplaced partition would be off by the
     # weights' own scale (std 0.02).
-    replicated, _ = load_checkpoint_model(tmp_path / "zero0/checkpoints")
-    partitioned, _ = load_checkpoint_model(tmp_path / "zero3/checkpoints")
+    replicated, _ = load_checkpoint_model(zero_stages[0][0] / "checkpoints")
+    partitioned, _ = load_checkpoint_model(zero_stages[3][0] / "checkpoints")
     for name, param in replicated.state_dict().items():
         torch.testing.assert_close(partitioned.state_dict()[name], param, rtol=0, atol=5e-3, msg=name)
 
@@ -326,20 +340,22 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_on_another_world_size_restores_the_module_and_warns(tmp_path: Path, shards: dict[str, Path]) -> None:
-    out = tmp_path / "run"
-    common = ["train.steps=6", "train.log_every=1", "optim.warmup_steps=1", "train.zero_stage=1", "train.grad_accum=2"]
-    first = _pretrain(out, shards, *common, "train.micro_batch=4", "train.stop_at=3", nproc=2)
-    assert "step 3 (stop_at)" in first.stdout
+def test_resume_on_another_world_size_restores_the_module_and_warns(tmp_path: Path, shards: dict[str, Path],
+                                                                    zero_stages: dict[int, tuple[Path, str]]) -> None:
+    two_ranks = zero_stages[1][0]  # ZeRO-1 on 2 ranks, 4 x 2 x 2
+    out = _stopped_at(two_ranks, 3, tmp_path / "run")
+    logged = (two_ranks / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(line for line in logged if json.loads(line)["step"] <= 3))
     # One rank now: the same global batch of 16 as 8 x 2 x 1.
+    common = ["train.steps=5", "train.log_every=1", "optim.warmup_steps=1", "train.zero_stage=1", "train.grad_accum=2"]
     resumed = _pretrain(out, shards, *common, "train.micro_batch=8")
     assert "was written by 2 ranks, this run has 1" in resumed.stderr and "AdamW moments start from zero" in resumed.stderr
     assert f"resumed from {out / 'checkpoints'} at step 3" in resumed.stderr
-    state = json.loads((out / "checkpoints/step_6/trainer_state.json").read_text())
-    assert state["step"] == 6 and state["world_size"] == 1
-    assert [m["step"] for m in _metrics(out) if "samples_per_s" in m] == [1, 2, 3, 4, 5, 6]
+    state = json.loads((out / "checkpoints/step_5/trainer_state.json").read_text())
+    assert state["step"] == 5 and state["world_size"] == 1
+    assert [m["step"] for m in _metrics(out) if "samples_per_s" in m] == [1, 2, 3, 4, 5]
     lr_at_4 = next(m["lr"] for m in _metrics(out) if m["step"] == 4 and "lr" in m)
-    assert lr_at_4 == pytest.approx(1e-3 * (6 - 4) / 5)  # the schedule continued, it did not restart
+    assert lr_at_4 == pytest.approx(1e-3 * (5 - 4) / 4)  # the schedule continued, it did not restart
 
 
 
