@@ -1,7 +1,8 @@
 """The pretraining loop on the real DeepSpeed engine (gloo on CPU), launched as users launch it.
 
 Every run is a subprocess (`memobert pretrain`, or torchrun for 2 ranks) on tiny shards with the
-cpu_tiny config, so process groups, signals and exit codes are real.
+cpu_tiny config, so process groups, signals and exit codes are real. Runs that several tests can read
+are module fixtures; the checks made before a run starts are called in-process (docs/testing.md).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _tiny_config(*overrides: str) -> PretrainConfig:
 
 
 # The start-up checks below run in-process: a subprocess would spend ~10 s starting DeepSpeed to print
-# one line. train() calls them before it creates anything (the subprocess test above shows the order).
+# one line. train() calls _check_shards right after the batch arithmetic, before it creates anything.
 def test_feature_dims_must_match_the_shards(shards: dict[str, Path]) -> None:
     from pretrain.train import _check_shards
 
