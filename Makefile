@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PINS := requirements/lock.txt requirements/nodeps.txt
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv test test-fast demo clean-venv
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ $(VENV)/.installed: $(VENV)/.pins pyproject.toml
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: unit tests only, without the runs of real engines (docs/testing.md).
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/memobert demo

@@ -83,8 +83,10 @@ def _check_unique(units: list[Unit], media: list[str], source: Path) -> None:
         seen[unit.name] = path
 
 
-def process_unit(unit: Unit, root: str, cfg: PreprocessConfig, audio_actor: Any, visual_actor: Any) -> tuple[list[Utterance], dict[str, int]]:
-    """Decode, segment, pick faces, then encode through the actors: the unit's utterances and drop counts."""
+def process_unit(unit: Unit, root: str, cfg: PreprocessConfig, audio_actor: Any,
+                 visual_actor: Any) -> tuple[list[Utterance], dict[str, int], str]:
+    """Decode, segment, pick faces, then encode through the actors: the unit's utterances, drop counts and the
+    id of the Ray node that ran it (the log names it: which node did what when a node misbehaves)."""
     import ray
     import torch
 
@@ -132,7 +134,7 @@ def process_unit(unit: Unit, root: str, cfg: PreprocessConfig, audio_actor: Any,
                                         audio=audio, visual=visual, vprob=vprob))
     if not utterances:
         raise ValueError(f"{unit.video or unit.name}: no utterance kept ({_describe(dropped)})")
-    return utterances, dict(dropped)
+    return utterances, dict(dropped), ray.get_runtime_context().get_node_id()
 
 
 class _AudioTrack:
@@ -281,7 +283,7 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         unit = pending.pop(ref)
         try:
-            utterances, dropped = ray.get(ref)
+            utterances, dropped, node = ray.get(ref)
         except Exception as err:  # one bad unit is recorded and skipped (a Ray failure is not the unit's); the run goes on
             reason = _reason(err, unit)
             if is_ray_system_error(err):
@@ -293,6 +295,7 @@ def preprocess(source: Path, out: Path, cfg: PreprocessConfig, ray_address: str 
         else:
             output.write_unit(unit.name, utterances, dropped)
             written += len(utterances)
+            log.info("%s: %d utterances from Ray node %s", unit.name, len(utterances), node)
         progress.update(1)
         progress.set_postfix(utt_per_s=f"{written / (time.perf_counter() - start):.2f}", refresh=False)
     progress.close()

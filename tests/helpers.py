@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -103,3 +104,8 @@ def _add_class_signal(utt: Utterance, strength: float, vocab_size: int) -> None:
     utt.tokens[0] = vocab_size + label
     utt.audio[:, label] += strength
     utt.visual[:, label] += strength
+
+
+def shard_digests(folder: Path) -> dict[str, str]:
+    """Shard file name -> sha256 of its bytes: two runs that wrote the same samples in the same order agree."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).glob("shard-*.tar"))}

@@ -175,6 +175,7 @@ def test_m3er_parts_switch_off_and_proxy_missing_modalities(labeled_shards: Path
     assert repaired.present.all() and repaired.seqs[2].abs().sum() > 0  # text and visual proxied from audio
 
 
+@pytest.mark.slow
 def test_baselines_beat_chance_through_the_driver(tmp_path: Path, labeled_shards: Path) -> None:
     out = tmp_path / "finetune"
     overrides = [f"data.shards={labeled_shards}", "settings=mfn,m3er", "seeds=[42]", "folds=[1]", f"out_dir={out}", *FAST]

@@ -102,6 +102,7 @@ def test_fold_filtering_puts_each_speaker_in_one_part(folds: list) -> None:
     assert (folds[1].test, folds[1].val) == (folds[0].val, folds[0].test)  # a session's two folds swap roles
 
 
+@pytest.mark.slow
 def test_prompt_scoring_modes_on_a_logit_trap(labeled_shards: Path, pretrained: dict[str, Path]) -> None:
     # The verbaliser alone: the trap word (id 42, no label word) has the highest logit of the vocabulary in rows 0-3.
     logits = torch.randn(6, 50)
@@ -185,6 +186,7 @@ def test_dropped_modalities_are_empty() -> None:
     assert batch.text_ids.tolist() == [[101, 102]]  # [CLS] [SEP]
 
 
+@pytest.mark.slow
 def test_settings_build_the_right_models(labeled_shards: Path, pretrained: dict[str, Path], tiny_bert: Path) -> None:
     cfg = load_config(FinetuneConfig, overrides=[f"data.shards={labeled_shards}", "model.flavor=tiny",
                                                  f"model.bert_folder={tiny_bert}", "prompt.position=before"])
@@ -220,6 +222,7 @@ def test_settings_build_the_right_models(labeled_shards: Path, pretrained: dict[
     assert default_vocab_folder() and (Path(default_vocab_folder()) / "config.json").is_file()  # bert_direct's default
 
 
+@pytest.mark.slow
 def test_export_and_deepspeed_checkpoint_load_the_same_model(labeled_shards: Path, pretrained: dict[str, Path]) -> None:
     from_export, from_run = load_model(pretrained["export"]), load_model(pretrained["run"])
     assert from_export.state_dict().keys() == from_run.state_dict().keys()
@@ -237,6 +240,7 @@ def test_export_and_deepspeed_checkpoint_load_the_same_model(labeled_shards: Pat
     assert torch.equal(logits[0], logits[1])
 
 
+@pytest.mark.slow
 def test_every_setting_beats_chance_and_a_rerun_skips(
     tmp_path: Path, labeled_shards: Path, pretrained: dict[str, Path], tiny_bert: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -7,7 +7,6 @@ resources, failure classification) are checked directly, without Ray or media.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
+from helpers import shard_digests
 from memobert.schema import Manifest
 from preprocessing.adapters import CorpusError, load_iemocap
 from preprocessing.config import PreprocessConfig, RayConfig
@@ -56,10 +56,6 @@ def _samples(out: Path) -> list:
     return [u for shard in manifest.shard_paths(out) for u in read_utterances(Path(shard))]
 
 
-def _digests(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard-*.tar"))}
-
-
 @pytest.fixture(scope="module")
 def movies(synth_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("prep_movies")
@@ -68,6 +64,7 @@ def movies(synth_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return {"source": source, "out": root / "out"}
 
 
+@pytest.mark.slow
 def test_movies_schema_counts_and_active_speaker(movies: dict[str, Path], synth_corpus: Path) -> None:
     manifest = Manifest.load(movies["out"])
     assert manifest.dims == {"audio": 64, "visual": 24, "vprob": 8}  # the tiny encoders' widths
@@ -97,6 +94,7 @@ def test_movies_schema_counts_and_active_speaker(movies: dict[str, Path], synth_
     assert right >= 0.9 * len(samples)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_uninterrupted_shards(movies: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "memobert.cli", "preprocess", "--input", str(movies["source"]), "--out", str(out), *TINY]
@@ -114,13 +112,71 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_shards(movies: dict[str, Pat
 
     rerun = _preprocess(movies["source"], out)
     assert f"{done} already done" in rerun.stderr
-    assert _digests(out) == _digests(movies["out"])  # same keys, same bytes: no duplicate, nothing lost
+    assert shard_digests(out) == shard_digests(movies["out"])  # same keys, same bytes: no duplicate, nothing lost
+
+
+def _running_unit_worker(driver: int) -> int | None:
+    """The pid of a Ray worker of `driver` stopped (SIGSTOP) in the middle of a unit, or None.
+
+    Ray titles a worker with the function it is running (`ray::process_unit`) and `ray::IDLE` between
+    tasks. A stopped process cannot finish its task, so a title read after the stop is still true at the kill.
+    """
+    import psutil
+
+    for child in psutil.Process(driver).children(recursive=True):
+        try:
+            if child.cmdline()[:1] != ["ray::process_unit"]:
+                continue
+            child.suspend()
+            if child.cmdline()[:1] == ["ray::process_unit"]:
+                return child.pid
+            child.resume()
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_task_worker_leaves_no_manifest_and_the_rerun_completes(movies: dict[str, Path], tmp_path: Path) -> None:
+    """Ray's failure path with a real fault: a worker SIGKILLed mid-unit fails that unit as Ray's fault, not its own."""
+    out, stderr = tmp_path / "out", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "memobert.cli", "preprocess", "--input", str(movies["source"]), "--out", str(out), *TINY]
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    log = out / "units.jsonl"
+    deadline = time.monotonic() + 600
+    while not (log.is_file() and log.read_text().count("\n") >= 1):  # one unit finished: others are in flight
+        assert proc.poll() is None and time.monotonic() < deadline, "preprocess ended before a unit finished"
+        time.sleep(0.2)
+    while (worker := _running_unit_worker(proc.pid)) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, "no unit was in flight to kill"
+        time.sleep(0.05)
+    os.kill(worker, signal.SIGKILL)
+    try:
+        assert proc.wait(timeout=600) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    assert not (out / "manifest.json").exists()  # the output is incomplete until a rerun
+    message = re.search(r"(\d+) unit\(s\) hit a Ray failure .* were not recorded: ([^.]+)\.", stderr.read_text())
+    assert message, stderr.read_text()[-3000:]
+    named = set(message.group(2).split(", "))
+    done = {json.loads(line)["unit"] for line in log.read_text().splitlines()}
+    assert named and named == set(MOVIES) - done and int(message.group(1)) == len(named)
+    assert not (out / "failures.jsonl").exists()  # Ray's fault is not recorded against the unit
+
+    rerun = _preprocess(movies["source"], out)
+    assert f"{len(done)} already done, {len(named)} to process" in rerun.stderr
+    assert set(re.findall(r"(movie_\d+): \d+ utterances from Ray node", rerun.stderr)) == named
+    assert shard_digests(out) == shard_digests(movies["out"])  # the rerun processed exactly the named units
 
 
 def _ffmpeg(*args: str) -> None:
     subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", *args], check=True)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_recorded_and_the_good_ones_processed(synth_corpus: Path, tmp_path: Path) -> None:
     src = tmp_path / "videos"
     _link_movies(synth_corpus, src, ("movie_0002",))
@@ -156,6 +212,7 @@ def test_bad_inputs_are_recorded_and_the_good_ones_processed(synth_corpus: Path,
     assert {u.key.rsplit("_", 1)[0] for u in _samples(out)} == {"movie_0002"}
 
 
+@pytest.mark.slow
 def test_labeled_iemocap_session(synth_corpus: Path, tmp_path: Path) -> None:
     root = tmp_path / "iemocap"
     root.mkdir()
@@ -243,6 +300,7 @@ def test_detection_tasks_ask_for_no_gpu_when_they_could_not_use_one() -> None:
     assert ("num_gpus" in detection_task_options(1, 16, cfg)) == onnx_cuda_available()  # False with the CPU onnxruntime
 
 
+@pytest.mark.slow
 def test_face_device_auto_follows_the_gpu_ray_assigned_to_the_task() -> None:
     # No GPU exists on this machine, so Ray is told the node has one: Ray's assignment (what the resolver
     # reads) is real, the GPU is not. Torch in the driver sees none, which is the point: the task decides.

@@ -1,13 +1,15 @@
 """The pretraining loop on the real DeepSpeed engine (gloo on CPU), launched as users launch it.
 
 Every run is a subprocess (`memobert pretrain`, or torchrun for 2 ranks) on tiny shards with the
-cpu_tiny config, so process groups, signals and exit codes are real.
+cpu_tiny config, so process groups, signals and exit codes are real. Runs that several tests can read
+are module fixtures; the checks made before a run starts are called in-process (docs/testing.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +23,9 @@ import torch
 import webdataset as wds
 
 from helpers import TINY_DIMS, write_tiny_shards
+from memobert.config import ConfigError, load_config
 from memobert.schema import Manifest, Utterance, encode
+from pretrain.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(REPO / "configs/pretrain/cpu_tiny.yaml"), "model.acoustic_dim=16", "model.visual_dim=12"]
@@ -68,6 +72,7 @@ def _weights(step_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
 
 
+@pytest.mark.slow
 def test_mismatched_batch_arithmetic_fails_before_start(tmp_path: Path, shards: dict[str, Path]) -> None:
     # validate() accepts 32 (a multiple of 8 x 2); only the world size at start shows it is wrong.
     result = _pretrain(tmp_path / "run", shards, "train.global_batch=32", check=False)
@@ -76,24 +81,37 @@ def test_mismatched_batch_arithmetic_fails_before_start(tmp_path: Path, shards: 
     assert not (tmp_path / "run").exists()
 
 
-def test_feature_dims_must_match_the_shards(tmp_path: Path, shards: dict[str, Path]) -> None:
-    result = _pretrain(tmp_path / "run", shards, "model.acoustic_dim=768", check=False)
-    assert result.returncode == 2 and "'model.acoustic_dim' is 768" in result.stderr and "dim 16" in result.stderr
+def _tiny_config(*overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, [Path(TINY[1])], [*TINY[2:], *overrides])
+
+
+# The start-up checks below run in-process: a subprocess would spend ~10 s starting DeepSpeed to print
+# one line. train() calls _check_shards right after the batch arithmetic, before it creates anything.
+def test_feature_dims_must_match_the_shards(shards: dict[str, Path]) -> None:
+    from pretrain.train import _check_shards
+
+    with pytest.raises(ConfigError, match="'model.acoustic_dim' is 768") as info:
+        _check_shards(_tiny_config(f"data.train_shards={shards['train']}", "model.acoustic_dim=768"))
+    assert "dim 16" in str(info.value)
 
 
 def test_missing_shards_fail_before_start(tmp_path: Path, shards: dict[str, Path]) -> None:
-    empty = _pretrain(tmp_path / "empty", {"train": ""}, check=False)
-    assert empty.returncode == 2 and "'data.train_shards' is empty" in empty.stderr
-    missing = _pretrain(tmp_path / "missing", {"train": tmp_path / "nowhere/shard-{000..001}.tar"}, check=False)
-    assert missing.returncode == 1 and "shard not found" in missing.stderr and "nowhere/shard-000.tar (and 1 more)" in missing.stderr
-    # Too few validation shards for the ranks: caught at start, not val_every steps into the run.
-    few = _pretrain(tmp_path / "few", shards, f"data.val_shards={shards['val']}/shard-000000.tar", "train.micro_batch=4",
-                    nproc=2, check=False)
-    assert few.returncode != 0 and "1 shards" in few.stderr and "for 2 ranks" in few.stderr
-    for run in ("empty", "missing", "few"):
-        assert not (tmp_path / run / "checkpoints").exists()
+    from pretrain.loader import build_loader
+    from pretrain.train import _check_shards
+
+    with pytest.raises(ConfigError, match="'data.train_shards' is empty"):
+        _check_shards(_tiny_config("data.train_shards="))
+    with pytest.raises(FileNotFoundError, match="shard not found") as info:
+        _check_shards(_tiny_config(f"data.train_shards={tmp_path / 'nowhere/shard-{000..001}.tar'}"))
+    assert "nowhere/shard-000.tar (and 1 more)" in str(info.value)
+    # Too few validation shards for the ranks: the validation loader (built before the first step) refuses.
+    cfg = _tiny_config(f"data.val_shards={shards['val']}/shard-000000.tar")
+    with pytest.raises(ValueError, match="1 shards .* for 2 ranks"):
+        build_loader(cfg.data.val_shards, cfg.data, batch_size=4, rank=0, world_size=2, seed=0, cls_id=1, sep_id=2,
+                     infinite=False)
 
 
+@pytest.mark.slow
 def test_trains_logs_validates_and_exports(tmp_path: Path, shards: dict[str, Path]) -> None:
     from pretrain.export import load_checkpoint_model, load_model
     from pretrain.model import MEmoBERT
@@ -135,27 +153,51 @@ def test_trains_logs_validates_and_exports(tmp_path: Path, shards: dict[str, Pat
     assert all(torch.equal(same.state_dict()[k], v) for k, v in reloaded.state_dict().items())
 
 
+RESUME = ["train.steps=8", "train.log_every=1", "optim.warmup_steps=2", "train.ckpt_every=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One uninterrupted 8-step run per precision, with checkpoints at steps 4 and 8: the resume tests'
+    reference and, from its step-4 checkpoint, their starting point (one launch fewer per test)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        runs[precision] = root / precision
+        _pretrain(runs[precision], shards, *RESUME, f"train.precision={precision}")
+    return runs
+
+
+def _stopped_at(run: Path, step: int, into: Path) -> Path:
+    """A run folder as a run stopped at `step` leaves it: that step's checkpoint as the latest."""
+    shutil.copytree(run / f"checkpoints/step_{step}", into / f"checkpoints/step_{step}")
+    (into / "checkpoints/latest").write_text(f"step_{step}")
+    return into
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_continues_the_same_run(tmp_path: Path, shards: dict[str, Path], precision: str) -> None:
+def test_resume_continues_the_same_run(tmp_path: Path, shards: dict[str, Path], uninterrupted: dict[str, Path],
+                                       precision: str) -> None:
     # bf16 runs DeepSpeed's bf16 engine on the CPU: the GPU's optimizer, fp32 master weights and checkpoint format.
-    common = ["train.steps=8", "train.log_every=1", "optim.warmup_steps=2", f"train.precision={precision}"]
-    _pretrain(tmp_path / "whole", shards, *common)
-    first = _pretrain(tmp_path / "split", shards, *common, "train.stop_at=4")
-    assert "step 4 (stop_at)" in first.stdout
-    second = _pretrain(tmp_path / "split", shards, *common)
+    # A periodic checkpoint and stop_at's are written by the same save (stop_at's exit: the SIGTERM test).
+    whole_run = uninterrupted[precision]
+    split_run = _stopped_at(whole_run, 4, tmp_path / "split")
+    second = _pretrain(split_run, shards, *RESUME, f"train.precision={precision}")
     assert "resumed from" in second.stderr and "step 8 (finished)" in second.stdout
 
-    whole, split = _weights(tmp_path / "whole/checkpoints/step_8"), _weights(tmp_path / "split/checkpoints/step_8")
+    whole, split = _weights(whole_run / "checkpoints/step_8"), _weights(split_run / "checkpoints/step_8")
     assert whole.keys() == split.keys()
     for name in whole:  # bit-identical: model, optimizer, schedule, task draws, masks, dropout and data position
         assert torch.equal(whole[name], split[name]), name
-    assert _train_losses(tmp_path / "whole") == _train_losses(tmp_path / "split")
+    assert [m for m in _train_losses(whole_run) if m[0] > 4] == _train_losses(split_run)
+    assert [step for step, _ in _train_losses(split_run)] == [5, 6, 7, 8]
     if precision == "bf16":
         from pretrain.export import load_checkpoint_model
 
         # Export reads the fp32 master weights, not the bf16 module: most values are off the bf16 grid.
-        masters, _ = load_checkpoint_model(tmp_path / "whole")
-        resumed, _ = load_checkpoint_model(tmp_path / "split")
+        masters, _ = load_checkpoint_model(whole_run)
+        resumed, _ = load_checkpoint_model(split_run)
         query = masters.bert.encoder.layer[0].attention.self.query.weight
         assert whole["bert.encoder.layer.0.attention.self.query.weight"].dtype == torch.bfloat16
         assert query.dtype == torch.float32 and (query != query.bfloat16().float()).float().mean() > 0.9
@@ -163,6 +205,7 @@ def test_resume_continues_the_same_run(tmp_path: Path, shards: dict[str, Path], 
             assert torch.equal(resumed.state_dict()[name], param), name
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes(tmp_path: Path, shards: dict[str, Path]) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "memobert.cli", "pretrain", *TINY, f"data.train_shards={shards['train']}",
@@ -182,10 +225,12 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes(tmp_path: Path, shard
 
     rerun = _pretrain(out, shards, "train.steps=100000", f"train.stop_at={stopped['step'] + 2}", "train.log_every=1")
     assert f"resumed from {out / 'checkpoints'} at step {stopped['step']}" in rerun.stderr
+    assert f"step {stopped['step'] + 2} (stop_at)" in rerun.stdout
     steps = [m["step"] for m in _metrics(out)]
     assert steps[-2:] == [stopped["step"] + 1, stopped["step"] + 2]  # continued, not restarted
 
 
+@pytest.mark.slow
 def test_compiled_layers_train_like_eager(tmp_path: Path, shards: dict[str, Path]) -> None:
     # Without dropout the compiled encoder layers compute what eager ones do, inside the DeepSpeed engine.
     common = ["train.steps=3", "train.log_every=1", "optim.warmup_steps=1", "model.dropout=0.0"]
@@ -201,17 +246,31 @@ def test_compiled_layers_train_like_eager(tmp_path: Path, shards: dict[str, Path
         torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_two_ranks_same_losses_across_zero_stages(tmp_path: Path, shards: dict[str, Path]) -> None:
-    common = ["train.steps=5", "train.log_every=1", "train.micro_batch=4", "train.grad_accum=2", "optim.warmup_steps=1"]
+TWO_RANKS = ["train.steps=5", "train.log_every=1", "train.micro_batch=4", "train.grad_accum=2", "optim.warmup_steps=1",
+             "train.ckpt_every=3"]
+
+
+@pytest.fixture(scope="module")
+def zero_stages(shards: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, str]]:
+    """5 steps on 2 ranks under each ZeRO stage, checkpoints at steps 3 and 5 -> (run folder, stderr): the
+    stages' comparison, and ZeRO-1's step-3 checkpoint is where the resume on one rank starts."""
+    root = tmp_path_factory.mktemp("zero_stages")
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        out = root / f"zero{stage}"
+        runs[stage] = (out, _pretrain(out, shards, *TWO_RANKS, f"train.zero_stage={stage}", nproc=2).stderr)
+    return runs
+
+
+@pytest.mark.slow
+def test_two_ranks_same_losses_across_zero_stages(zero_stages: dict[int, tuple[Path, str]]) -> None:
     from pretrain.export import load_checkpoint_model
 
     losses, counts = {}, {}
-    for stage in (0, 1, 2, 3):
-        out = tmp_path / f"zero{stage}"
-        run = _pretrain(out, shards, *common, f"train.zero_stage={stage}", nproc=2)
+    for stage, (out, stderr) in zero_stages.items():
         losses[stage] = _train_losses(out)
         # MFU's parameter count: ZeRO-3 empties each rank's tensors, and the count must not see that.
-        counts[stage] = {line.split("tiny: ")[1] for line in run.stderr.splitlines() if "(the N of MFU's 6N)" in line}
+        counts[stage] = {line.split("tiny: ")[1] for line in stderr.splitlines() if "(the N of MFU's 6N)" in line}
         assert json.loads((out / "checkpoints/step_5/trainer_state.json").read_text())["world_size"] == 2
     assert [step for step, _ in losses[0]] == [1, 2, 3, 4, 5]
     assert all(len(found) == 1 for found in counts.values()) and len(set.union(*counts.values())) == 1, counts
@@ -227,12 +286,13 @@ def test_two_ranks_same_losses_across_zero_stages(tmp_path: Path, shards: dict[s
     # ZeRO-3 partitions the weights themselves: its checkpoint must still load whole. Within 5 steps
     # of lr 1e-3 of the replicated run's weights; a lost or misplaced partition would be off by the
     # weights' own scale (std 0.02).
-    replicated, _ = load_checkpoint_model(tmp_path / "zero0/checkpoints")
-    partitioned, _ = load_checkpoint_model(tmp_path / "zero3/checkpoints")
+    replicated, _ = load_checkpoint_model(zero_stages[0][0] / "checkpoints")
+    partitioned, _ = load_checkpoint_model(zero_stages[3][0] / "checkpoints")
     for name, param in replicated.state_dict().items():
         torch.testing.assert_close(partitioned.state_dict()[name], param, rtol=0, atol=5e-3, msg=name)
 
 
+@pytest.mark.slow
 def test_zero0_bf16_checkpoint_exports_its_bf16_weights_with_a_warning(
     tmp_path: Path, shards: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -266,6 +326,7 @@ def _nan_shards(folder: Path, every: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
     some = {"train": _nan_shards(tmp_path / "some", every=12)}
     _pretrain(tmp_path / "ok", some, "train.steps=6", "train.log_every=6", "tasks.mode=all", "data.shuffle_buffer=1",
@@ -279,22 +340,27 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
     assert failed.returncode != 0 and "3 non-finite losses in a row at step 0" in failed.stderr
 
 
-def test_resume_on_another_world_size_restores_the_module_and_warns(tmp_path: Path, shards: dict[str, Path]) -> None:
-    out = tmp_path / "run"
-    common = ["train.steps=6", "train.log_every=1", "optim.warmup_steps=1", "train.zero_stage=1", "train.grad_accum=2"]
-    _pretrain(out, shards, *common, "train.micro_batch=4", "train.stop_at=3", nproc=2)
+@pytest.mark.slow
+def test_resume_on_another_world_size_restores_the_module_and_warns(tmp_path: Path, shards: dict[str, Path],
+                                                                    zero_stages: dict[int, tuple[Path, str]]) -> None:
+    two_ranks = zero_stages[1][0]  # ZeRO-1 on 2 ranks, 4 x 2 x 2
+    out = _stopped_at(two_ranks, 3, tmp_path / "run")
+    logged = (two_ranks / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(line for line in logged if json.loads(line)["step"] <= 3))
     # One rank now: the same global batch of 16 as 8 x 2 x 1.
+    common = ["train.steps=5", "train.log_every=1", "optim.warmup_steps=1", "train.zero_stage=1", "train.grad_accum=2"]
     resumed = _pretrain(out, shards, *common, "train.micro_batch=8")
     assert "was written by 2 ranks, this run has 1" in resumed.stderr and "AdamW moments start from zero" in resumed.stderr
     assert f"resumed from {out / 'checkpoints'} at step 3" in resumed.stderr
-    state = json.loads((out / "checkpoints/step_6/trainer_state.json").read_text())
-    assert state["step"] == 6 and state["world_size"] == 1
-    assert [m["step"] for m in _metrics(out) if "samples_per_s" in m] == [1, 2, 3, 4, 5, 6]
+    state = json.loads((out / "checkpoints/step_5/trainer_state.json").read_text())
+    assert state["step"] == 5 and state["world_size"] == 1
+    assert [m["step"] for m in _metrics(out) if "samples_per_s" in m] == [1, 2, 3, 4, 5]
     lr_at_4 = next(m["lr"] for m in _metrics(out) if m["step"] == 4 and "lr" in m)
-    assert lr_at_4 == pytest.approx(1e-3 * (6 - 4) / 5)  # the schedule continued, it did not restart
+    assert lr_at_4 == pytest.approx(1e-3 * (5 - 4) / 4)  # the schedule continued, it did not restart
 
 
 
+@pytest.mark.slow
 def test_clipping_is_the_authors_and_the_same_for_every_split(tmp_path: Path) -> None:
     """The default threshold clips as the authors' loop does, whether 8 samples are 2 x 4, 8 x 1 or 2 ranks x 4."""
     from dataclasses import replace

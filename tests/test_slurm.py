@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_DIMS, write_tiny_shards
+from helpers import TINY_DIMS, shard_digests, write_tiny_shards
 from finetune.protocols import iemocap_folds
 from memobert.config import load_config
 from memobert.schema import Manifest
@@ -128,6 +128,7 @@ def test_finetune_tasks_ask_for_one_gpu_not_the_profiles_whole_node(tmp_path: Pa
         assert "1 of 1 runs to do, train.precision bf16" in printed  # auto on the tasks' GPU, not this GPU-less host
 
 
+@pytest.mark.slow
 def test_pretrain_two_tasks_trains_logs_and_checkpoints(slurm_cluster, shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = _memobert("submit", "pretrain", *LOCAL, "--tasks-per-node", "2", "--wait", *TINY, *TWO_RANKS,
@@ -145,6 +146,7 @@ def test_pretrain_two_tasks_trains_logs_and_checkpoints(slurm_cluster, shards: P
     assert set(logs) == {0, 1} and "global_rank=1(2)" in logs[1]  # one log per rank
 
 
+@pytest.mark.slow
 def test_time_limit_signal_requeues_the_job_which_resumes(slurm_cluster, shards: Path, tmp_path: Path) -> None:
     from pretrain.config import PretrainConfig
     from slurm.cluster import SlurmProfile
@@ -174,6 +176,7 @@ def test_time_limit_signal_requeues_the_job_which_resumes(slurm_cluster, shards:
     assert "Restarts=1" in shown
 
 
+@pytest.mark.slow
 def test_finetune_array_reports_failed_runs_then_resubmits_only_those(slurm_cluster, tmp_path: Path) -> None:
     labeled = tmp_path / "labeled"
     no_session5 = [s for s in SPEAKERS if not s.startswith("Ses05")]  # fold 9 tests Ses05F: it must fail
@@ -201,20 +204,29 @@ def test_finetune_array_reports_failed_runs_then_resubmits_only_those(slurm_clus
     assert "all 4 runs were done" in _memobert(*args).stdout  # a third submission has nothing to run
 
 
+@pytest.mark.slow
 def test_preprocess_on_a_ray_cluster_over_two_tasks(slurm_cluster, synth_corpus: Path, tmp_path: Path) -> None:
     movies = tmp_path / "movies"
     movies.mkdir()
-    for path in (synth_corpus / "movies").glob("movie_0000.*"):
+    for path in (synth_corpus / "movies").glob("movie_000[05].*"):  # two units: one for each Ray node
         (movies / path.name).symlink_to(path)
+    tiny = ["--config", str(REPO / "configs/preprocess/tiny_cpu.yaml")]
     out = tmp_path / "out"
     result = _memobert("submit", "preprocess", *LOCAL, "--tasks-per-node", "2", "--input", str(movies), "--out", str(out),
-                       "--config", str(REPO / "configs/preprocess/tiny_cpu.yaml"), "--wait", timeout=400)
+                       *tiny, "--wait", timeout=400)
     manifest = Manifest.load(out)
     assert manifest.num_samples > 0 and f"{manifest.num_samples} samples" in result.stdout
     job_id = json.loads((out / "slurm/job.json").read_text())["job_ids"]["preprocess"]
     logs = _logs(out / "slurm", job_id)
     assert "2 nodes alive" in logs[0]  # the driver saw both tasks' Ray nodes before it started
     assert "starting a Ray node" in logs[1] and "--address=" in logs[1]
+    # Each node ran a unit (1 CPU each: the second task in flight cannot fit beside the first).
+    nodes = dict(re.findall(r"(movie_000[05]): \d+ utterances from Ray node (\w+)", logs[0]))
+    assert set(nodes) == {"movie_0000", "movie_0005"} and len(set(nodes.values())) == 2, logs[0][-3000:]
+    # The cluster changes where units run, not what they hold: the shards are a local run's, byte for byte.
+    local = tmp_path / "local"
+    _memobert("preprocess", "--input", str(movies), "--out", str(local), *tiny, timeout=400)
+    assert shard_digests(out) == shard_digests(local) and shard_digests(local)
     # Torn down before the result came back: no process of this Ray cluster is left.
     temp_dir = json.loads((out / f"slurm/ray/{job_id}_0/head.json").read_text())["temp_dir"]  # in every Ray process' args
     assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if temp_dir.encode() in _read(p)]
