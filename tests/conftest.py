@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import slurm_local
@@ -37,6 +39,17 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[slurm_lo
         cluster.stop()
         for key in cluster.env:
             os.environ.pop(key, None)
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rngs() -> None:
+    """Every test starts from the same global torch / numpy / random state, whatever ran before it: model
+    initialisation and dropout draw from torch's global RNG, so without this a test's numbers depend on the order."""
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -105,7 +105,7 @@ def test_fold_filtering_puts_each_speaker_in_one_part(folds: list) -> None:
 @pytest.mark.slow
 def test_prompt_scoring_modes_on_a_logit_trap(labeled_shards: Path, pretrained: dict[str, Path]) -> None:
     # The verbaliser alone: the trap word (id 42, no label word) has the highest logit of the vocabulary in rows 0-3.
-    logits = torch.randn(6, 50)
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     label_ids = torch.tensor([7, 3, 11, 20])
     logits[:4, 42] = 100.0
     logits[4, 11], logits[5, 3] = 100.0, 100.0  # rows 4 and 5: a label word wins the whole vocabulary
@@ -401,7 +401,7 @@ def test_classifier_head_is_the_authors() -> None:
     assert [type(m) for m in output] == [torch.nn.Linear, torch.nn.GELU, torch.nn.LayerNorm, torch.nn.Linear]
     assert output[0].weight.shape == (2 * h, h) and output[2].normalized_shape == (2 * h,)
     assert output[3].weight.shape == (len(CLASSES), 2 * h) and model.head.dropout.p == 0.1
-    cls = torch.randn(3, h)
+    cls = torch.randn(3, h, generator=torch.Generator().manual_seed(0))
     model.eval()
     expected = output[3](output[2](torch.nn.functional.gelu(output[0](torch.tanh(pooler[0](cls))))))
     assert torch.allclose(model.head(cls), expected)
