@@ -54,7 +54,8 @@ from finetune.protocols import CLASSES, Fold, folds_for
 from finetune.report import write_report
 from finetune.settings import FitsOnData, Schedule, build_model, schedule_for, text_model
 from memobert.config import ConfigError, to_dict
-from memobert.schema import MANIFEST_NAME, Manifest, Utterance
+from memobert.schema import Utterance
+from memobert.shard_store import folder_manifest
 from pretrain.batch import Batch
 from pretrain.loader import shard_paths
 from pretrain.model import MEmoBERT
@@ -317,10 +318,8 @@ def _vocab(cfg: FinetuneConfig) -> str | None:
     """cfg.vocab, else the vocabulary the shards' manifest records, else None (bert-base-uncased, bundled)."""
     if cfg.vocab:
         return cfg.vocab
-    shards = Path(cfg.data.shards)
-    if (shards / MANIFEST_NAME).is_file():
-        return Manifest.load(shards).extractors.get("text", {}).get("vocab")
-    return None
+    manifest = folder_manifest(cfg.data.shards)
+    return manifest.extractors.get("text", {}).get("vocab") if manifest is not None else None
 
 
 def check_and_save_config(out: Path, cfg: FinetuneConfig) -> None:
