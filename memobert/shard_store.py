@@ -32,7 +32,7 @@ _BUFFER = 1 << 20  # big reads: fewer syscalls and requests, kinder to network f
 
 @dataclass(frozen=True)
 class ReadConfig:
-    """How remote shards (URLs, pipe:) are read; local files are read once, without retries."""
+    """How shards are read: retries and timeouts for remote ones (URLs, pipe:); skipping for any shard."""
 
     retries: int = 3  # re-opens of a shard that cannot be opened or ends early, resuming after its last sample
     backoff_s: float = 1.0  # wait before retry k (0-based): backoff_s * 2**k

@@ -57,13 +57,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from memobert.schema import MANIFEST_NAME, Utterance, decode, stream_samples
+# shard_paths is re-exported: the stages list their shards through the loader.
 from memobert.shard_store import ReadConfig, folder_manifest, is_remote, open_shard, shard_paths, split_folder
 from pretrain.batch import Batch, collate
 from pretrain.config import DataConfig
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-__all__ = ["shard_paths"]  # re-exported: the stages list shards through the loader
 
 # Bucketing sorts pools of this many batches by length: bigger pools pad less but make batches more uniform.
 POOL_BATCHES = 8

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def _wait_for_port(port: int, process: subprocess.Popen) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
-            threading.Event().wait(0.05)  # a polling interval between connects, not a synchronisation
+            time.sleep(0.05)  # the interval between connect() polls; the poll is the synchronisation
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
