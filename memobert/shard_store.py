@@ -53,6 +53,8 @@ def is_remote(source: str) -> bool:
 def shard_paths(source: str | Sequence[str]) -> list[str]:
     """Sorted shard paths/URLs of a folder (manifest.json or listing), brace/glob patterns, or a list of them."""
     sources = [str(source)] if isinstance(source, (str, os.PathLike)) else [str(s) for s in source]
+    if len(sources) == 1 and Path(sources[0]).is_dir():
+        return [join(sources[0], name) for name in sorted(Manifest.load(Path(sources[0])).shards)]
     if len(sources) == 1 and (manifest := folder_manifest(sources[0])) is not None:
         return [join(sources[0], name) for name in sorted(manifest.shards)]
     if len(sources) == 1 and is_remote(sources[0]) and not _is_pattern(sources[0]):
