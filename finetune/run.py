@@ -68,7 +68,9 @@ CONFIG_NAME = "config.json"
 # Keys that may change between reruns into the same out_dir: they choose which runs to do or where,
 # not what a run computes. The device does pick train.precision auto (bf16 on CUDA, fp32 on CPU), so auto
 # is resolved before the check (resolve_precision): a device change that changes the precision is a change.
-RERUN_FREE_KEYS = ("settings", "seeds", "folds", "out_dir", "train.device")
+# How shards are fetched never changes a result (skipping would, so data.read.skip_bad_shards is not here).
+RERUN_FREE_KEYS = ("settings", "seeds", "folds", "out_dir", "train.device", "data.read.retries", "data.read.backoff_s",
+                   "data.read.timeout_s")
 
 
 @dataclass

@@ -305,3 +305,13 @@ def test_a_pretraining_run_over_s3_leaves_no_credentials_in_its_output(tmp_path:
 def _gets(http_root: str) -> list[str]:
     """The paths of the GET requests the server has answered so far."""
     return _SERVERS[http_root].gets  # type: ignore[attr-defined]
+
+
+def test_finetune_reuses_runs_across_read_settings_but_not_across_skipping(tmp_path: Path) -> None:
+    from finetune.config import FinetuneConfig
+    from finetune.run import check_and_save_config
+
+    check_and_save_config(tmp_path, load_config(FinetuneConfig, overrides=["data.read.retries=3"]))
+    check_and_save_config(tmp_path, load_config(FinetuneConfig, overrides=["data.read.retries=9", "data.read.timeout_s=5"]))
+    with pytest.raises(ConfigError, match="data.read.skip_bad_shards"):
+        check_and_save_config(tmp_path, load_config(FinetuneConfig, overrides=["data.read.skip_bad_shards=true"]))
