@@ -9,8 +9,11 @@ frames), then, in one process, times:
   decode     pretrain.loader.read_shard: tar + memobert.schema.decode
   loader     build_loader(num_workers=0), every sample into a collated, padded Batch
   train-K    build_loader(infinite), the training stream, with open_shards K = 1 and the default
+  decode-http, loader-http   decode and loader over http://127.0.0.1 (Python's http.server, a subprocess)
+  decode-s3, loader-s3       the same over s3:// (moto's S3-compatible server, a subprocess)
 and the padded share of batches with and without length bucketing. Per-core figures are samples per
-CPU-second of this process (robust on a shared machine); wall figures are printed beside them.
+CPU-second of this process (robust on a shared machine); wall figures are printed beside them. The servers
+run in their own processes, so the remote rows' per-core figures are the reading side's CPU alone.
 
 Then batch diversity: a second synthetic corpus of many videos (tiny features: only the order of clips
 matters) goes through the preprocessing pack (preprocessing.shards) in unit order and in the seeded
@@ -18,19 +21,23 @@ shuffle, and the training stream reads each with several open_shards values; the
 of distinct source videos per batch, against its exact expectation for a batch drawn i.i.d. (without
 replacement) from all clips of the corpus.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/loader.py [--samples 4000] [--workers 0,2] [--videos 1000]
+    PYTHONPATH=. .venv/bin/python benchmarks/loader.py [--samples 4000] [--workers 0,2] [--videos 1000] [--no-remote]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
 import platform
+import socket
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +140,47 @@ def distinct_per_batch(folder: Path, open_shards: int, batch_size: int, batches:
     raise AssertionError("unreachable: the training stream is endless")
 
 
+@contextlib.contextmanager
+def served(folder: Path) -> Iterator[dict[str, str]]:
+    """The shard folder behind a local HTTP server and a local S3-compatible server: {"http": url, "s3": url}."""
+    http_port, s3_port = _free_port(), _free_port()
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = [
+        subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", "-d", str(folder), str(http_port)], **quiet),
+        subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)], **quiet),
+    ]
+    # Dummy credentials for the local server; the endpoint goes through the environment like a user's would.
+    os.environ.update(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        for port in (http_port, s3_port):
+            _wait_for_port(port)
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).put(str(folder) + "/", "bench/shards/", recursive=True)
+        yield {"http": f"http://127.0.0.1:{http_port}", "s3": "s3://bench/shards"}
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int) -> None:
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"no server on 127.0.0.1:{port}")
+
+
 def timed(count: Callable[[], int], repeats: int = 2) -> tuple[int, float, float]:
     """(items, CPU seconds, wall seconds) of the fastest of `repeats` runs (the first warms the page cache)."""
     best = None
@@ -170,6 +218,7 @@ def main() -> None:
     parser.add_argument("--diversity-batches", type=int, default=200)
     parser.add_argument("--open-shards", default="1,2,4,8", help="comma-separated open_shards for the diversity table")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--no-remote", action="store_true", help="skip the HTTP and S3 rows")
     args = parser.parse_args()
     if not args.skip_throughput:
         throughput(args)
@@ -233,12 +282,18 @@ def throughput(args: argparse.Namespace) -> None:
         paths = [("naive", naive), ("wds-raw", wds_raw), ("tar", tar), ("decode", decoded), ("loader", ours),
                  ("train-1", train(1)), (f"train-{DataConfig.open_shards}", train(DataConfig.open_shards))]
         rows = {name: timed(fn) for name, fn in paths}
-        print(f"{'path':<8} {'samples/CPU-s':>14} {'samples/s wall':>15}")
+        if not args.no_remote:
+            rows.update(remote_rows(folder, every, common))
+        print(f"{'path':<11} {'samples/CPU-s':>14} {'samples/s wall':>15}")
         for name, (n, cpu, wall) in rows.items():
-            print(f"{name:<8} {n / cpu:>14,.0f} {n / wall:>15,.0f}")
+            print(f"{name:<11} {n / cpu:>14,.0f} {n / wall:>15,.0f}")
         per_core = {name: n / cpu for name, (n, cpu, _) in rows.items()}
         print(f"loader / naive per core: {per_core['loader'] / per_core['naive']:.1f}x; "
               f"decode / naive: {per_core['decode'] / per_core['naive']:.1f}x")
+        for where in ("http", "s3"):
+            if f"loader-{where}" in per_core:
+                print(f"{where} / local per core: decode {per_core[f'decode-{where}'] / per_core['decode']:.2f}x, "
+                      f"loader {per_core[f'loader-{where}'] / per_core['loader']:.2f}x")
 
         cpu, wall = time.process_time(), time.perf_counter()
         kept = sum(kept_count(u, ClipFilter(11, 30, 3)) for u in urls)  # a filter not cached yet: a cold count pass
@@ -256,6 +311,18 @@ def throughput(args: argparse.Namespace) -> None:
             cfg = DataConfig(num_workers=0, bucket_by_length=bucket)
             seq, tensors = padding(build_loader(str(folder), cfg, infinite=False, **common))
             print(f"{'bucketing ' + ('on' if bucket else 'off'):<28} {seq:>16.1%} {tensors:>17.1%}")
+
+
+def remote_rows(folder: Path, every: DataConfig, common: dict) -> dict[str, tuple[int, float, float]]:
+    """decode and loader rows over HTTP and S3 servers on 127.0.0.1 (the same shards, the same work as local)."""
+    rows = {}
+    with served(folder) as roots:
+        for where, root in roots.items():
+            urls = shard_paths(root)
+            rows[f"decode-{where}"] = timed(lambda: sum(1 for u in urls for _ in read_shard(u)))
+            loader = build_loader(root, every, infinite=False, **common)
+            rows[f"loader-{where}"] = timed(lambda: sum(b.size for b in loader))
+    return rows
 
 
 if __name__ == "__main__":

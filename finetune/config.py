@@ -7,6 +7,7 @@ from typing import Literal, get_args
 
 from finetune.protocols import CLASSES, folds_for
 from memobert.config import check
+from memobert.shard_store import ReadConfig
 from preprocessing.text import default_vocab_folder
 
 Setting = Literal["direct", "bert_direct", "pretrain_finetune", "pretrain_prompt", "mfn", "m3er"]
@@ -30,7 +31,8 @@ def text_bert_folder(folder: str) -> str:
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # labeled shards: a folder with manifest.json, or a brace/glob pattern of .tar files
+    shards: str = ""  # labeled shards: a folder, a brace/glob pattern of .tar paths or URLs, or pipe:COMMAND
+    read: ReadConfig = field(default_factory=ReadConfig)  # retries, timeouts and skipping for remote shards
     # msp_improv_11to1: the authors' MSP-IMPROV runs (train on the other 11 speakers, select on the test
     # speaker): test-selected, for comparison with their table only; msp_improv is the leak-free protocol.
     protocol: Literal["iemocap", "msp_improv", "msp_improv_11to1"] = "iemocap"

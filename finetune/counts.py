@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from finetune.config import DataConfig
-from memobert.schema import MANIFEST_NAME, Manifest, Utterance
+from memobert.schema import MANIFEST_NAME, Utterance
+from memobert.shard_store import folder_manifest
 from preprocessing.adapters import msp_improv_release_count
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ def release_total(data: DataConfig) -> tuple[int | None, str]:
     """The release's utterance count for the protocol and where it comes from; None (and why) when unknown."""
     if data.protocol == "iemocap":
         return IEMOCAP_RELEASE_TOTAL, "the IEMOCAP release (4 classes, excited merged into happiness)"
-    manifest = Path(data.shards) / MANIFEST_NAME
-    source = Manifest.load(Path(data.shards)).settings.get("source") if manifest.is_file() else None
+    manifest = folder_manifest(data.shards)
+    source = manifest.settings.get("source") if manifest is not None else None
     if not source:
         return None, f"{data.shards} has no {MANIFEST_NAME} naming the MSP-IMPROV release it was made from"
     total = msp_improv_release_count(Path(source))

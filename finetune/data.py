@@ -35,7 +35,7 @@ def load_utterances(source: str, cfg: DataConfig) -> list[Utterance]:
     """Every labeled sample of `source`, cut to the downstream lengths (copies: the shard bytes are freed)."""
     utts = []
     for path in shard_paths(source):
-        for utt in read_shard(path):
+        for utt in read_shard(path, cfg.read):
             label = utt.meta.get(LABEL_KEY)
             if not isinstance(label, int) or not 0 <= label < len(CLASSES) or "speaker" not in utt.meta:
                 raise ValueError(f"{path}: sample {utt.key!r} needs an int 'label' in 0..{len(CLASSES) - 1} and a 'speaker'")

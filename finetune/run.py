@@ -54,7 +54,8 @@ from finetune.protocols import CLASSES, Fold, folds_for
 from finetune.report import write_report
 from finetune.settings import FitsOnData, Schedule, build_model, schedule_for, text_model
 from memobert.config import ConfigError, to_dict
-from memobert.schema import MANIFEST_NAME, Manifest, Utterance
+from memobert.schema import Utterance
+from memobert.shard_store import folder_manifest
 from pretrain.batch import Batch
 from pretrain.loader import shard_paths
 from pretrain.model import MEmoBERT
@@ -67,7 +68,9 @@ CONFIG_NAME = "config.json"
 # Keys that may change between reruns into the same out_dir: they choose which runs to do or where,
 # not what a run computes. The device does pick train.precision auto (bf16 on CUDA, fp32 on CPU), so auto
 # is resolved before the check (resolve_precision): a device change that changes the precision is a change.
-RERUN_FREE_KEYS = ("settings", "seeds", "folds", "out_dir", "train.device")
+# How shards are fetched never changes a result (skipping would, so data.read.skip_bad_shards is not here).
+RERUN_FREE_KEYS = ("settings", "seeds", "folds", "out_dir", "train.device", "data.read.retries", "data.read.backoff_s",
+                   "data.read.timeout_s")
 
 
 @dataclass
@@ -319,10 +322,8 @@ def _vocab(cfg: FinetuneConfig) -> str | None:
     """cfg.vocab, else the vocabulary the shards' manifest records, else None (bert-base-uncased, bundled)."""
     if cfg.vocab:
         return cfg.vocab
-    shards = Path(cfg.data.shards)
-    if (shards / MANIFEST_NAME).is_file():
-        return Manifest.load(shards).extractors.get("text", {}).get("vocab")
-    return None
+    manifest = folder_manifest(cfg.data.shards)
+    return manifest.extractors.get("text", {}).get("vocab") if manifest is not None else None
 
 
 def check_and_save_config(out: Path, cfg: FinetuneConfig) -> None:

@@ -1,7 +1,7 @@
 """The shard schema: the one place that knows how an utterance is stored in a WebDataset tar.
 
 Writers (preprocessing) and readers (pretrain, finetune) both go through `encode` / `decode`,
-read tars with `tar_samples`, and agree on manifest.json through `Manifest`.
+read tars with `tar_samples` (a path) or `stream_samples` (any byte stream), and agree on manifest.json through `Manifest`.
 """
 
 from __future__ import annotations
@@ -127,9 +127,14 @@ class Manifest:
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {MANIFEST_NAME} in {folder}: is this a preprocessing output folder?")
-        data = json.loads(path.read_text())
+        return cls.from_json(path.read_text(), str(path))
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Manifest":
+        """A manifest from the text of a manifest.json found at `where` (a path or URL, for messages)."""
+        data = json.loads(text)
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{path}: schema version {data.get('schema_version')}, this code reads {SCHEMA_VERSION}")
+            raise ValueError(f"{where}: schema version {data.get('schema_version')}, this code reads {SCHEMA_VERSION}")
         return cls(**data)
 
     def shard_paths(self, folder: Path) -> list[str]:
@@ -144,8 +149,14 @@ def tar_samples(path: str) -> Iterator[dict[str, Any]]:
     ~2,600 samples/s per core; this reads ~27,000 (docs/benchmarks.md, Loader).
     """
     with open(path, "rb", buffering=1 << 20) as stream:  # big reads: fewer syscalls, kinder to network file systems
-        for sample, _ in _grouped(stream, path, read_data=True):
-            yield sample
+        yield from stream_samples(stream, path)
+
+
+def stream_samples(stream: BinaryIO, name: str) -> Iterator[dict[str, Any]]:
+    """`tar_samples` of an open tar byte stream (a file, an HTTP body, a pipe), read front to back; `name` goes
+    into `__url__` and messages. The stream's read(n) must return n bytes unless the stream has ended."""
+    for sample, _ in _grouped(stream, name, read_data=True):
+        yield sample
 
 
 def tar_sample_spans(path: str) -> list[tuple[int, int]]:

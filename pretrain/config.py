@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from memobert.config import check
+from memobert.shard_store import ReadConfig
 
 TASKS = ("wwmlm", "spanmvfr", "spanmvfckl", "spanmafr")
 # `model.init_from: none` (YAML or command line): random init on purpose. Spelled as a string because
@@ -36,8 +37,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""  # folder with manifest.json, or a brace/glob pattern of .tar files
+    # A folder (manifest.json, or a remote folder's listing), or a brace/glob pattern of .tar paths or URLs
+    # (s3://..., https://...), or pipe:COMMAND (docs/ARCHITECTURE.md, Shard sources).
+    train_shards: str = ""
     val_shards: str = ""
+    read: ReadConfig = field(default_factory=ReadConfig)  # retries, timeouts and skipping for remote shards
     max_text_len: int = 30  # WordPiece tokens, without [CLS]/[SEP]
     max_visual_len: int = 36
     max_acoustic_len: int = 64

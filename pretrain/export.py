@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from transformers import BertConfig
 
 from memobert.config import from_dict
-from memobert.schema import MANIFEST_NAME
+from memobert.shard_store import folder_manifest
 from pretrain.config import PretrainConfig
 from pretrain.model import CONFIG_NAME, MEmoBERT
 from pretrain.vocab import vocab_folder
@@ -102,8 +103,8 @@ def _check_complete(model: MEmoBERT, weights: dict[str, torch.Tensor], where: Pa
 
 
 def _manifest_summary(shards: str) -> dict[str, Any]:
-    manifest = Path(shards) / MANIFEST_NAME
-    if not manifest.is_file():
+    manifest = folder_manifest(shards) if shards else None
+    if manifest is None:
         return {"manifest": None}
-    data = json.loads(manifest.read_text())
+    data = asdict(manifest)
     return {key: data.get(key) for key in ("dims", "extractors", "settings", "schema_version")}

@@ -29,83 +29,93 @@ How a rank's stream is made, and why it resumes exactly:
   (cached per process), not a replay of the stream. Change num_workers (0 and 1 are the same), open_shards,
   batch_size, the shards or the filters and the resumed stream is a different, still deterministic one:
   nothing is replayed on purpose, but the exact continuation is lost.
+- Sources: local paths, URLs (http(s)://, s3://, other fsspec schemes) and pipe: commands
+  (memobert.shard_store), each read front to back as one byte stream; everything above works on the path
+  strings alone, so splits, visits and resume positions are the same whatever the transport.
 - Errors: a damaged tar or an undecodable sample raises ShardError naming the file and the sample; nothing
-  is skipped silently, so batch counts and resume positions stay exact.
+  is skipped silently, so batch counts and resume positions stay exact. A remote shard that fails to open
+  or ends early is first re-opened (data.read.retries, with backoff) and resumed after its last sample read.
+  data.read.skip_bad_shards trades exactness for liveness: the failing shard's rest is skipped and counted
+  (TimedLoader.skipped_shards); the kept counts of the resume pass then may not match what a retried read
+  yields, so the resumed stream is deterministic only if the failure is.
 """
 
 from __future__ import annotations
 
 import functools
-import glob
+import logging
 import math
 import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from memobert.schema import Manifest, Utterance, decode, tar_samples
+from memobert.schema import MANIFEST_NAME, Utterance, decode, stream_samples
+# shard_paths is re-exported: the stages list their shards through the loader.
+from memobert.shard_store import ReadConfig, folder_manifest, is_remote, open_shard, shard_paths, split_folder
 from pretrain.batch import Batch, collate
 from pretrain.config import DataConfig
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Bucketing sorts pools of this many batches by length: bigger pools pad less but make batches more uniform.
 POOL_BATCHES = 8
 DROP_REASONS = ("text_words", "text_tokens", "visual_frames")  # ClipFilter.reason's answers, in its order
+SKIPPED_SHARDS = "skipped_shards"  # beside the drop reasons in what a RankStream yields: shards cut short (skip_bad_shards)
 
 
 class ShardError(RuntimeError):
     """A shard could not be read, or one of its samples could not be decoded."""
 
 
-def shard_paths(source: str | Sequence[str]) -> list[str]:
-    """Sorted .tar paths of a folder with manifest.json, a brace/glob pattern, or a list of paths/patterns."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        return Manifest.load(Path(source)).shard_paths(Path(source))
-    paths = set()
-    for pattern in [str(source)] if isinstance(source, (str, os.PathLike)) else map(str, source):
-        for expanded in wds.shardlists.expand_urls(pattern):
-            paths.update(sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded])
-    if not paths:
-        raise FileNotFoundError(f"no shards match {source!r}")
-    missing = sorted(path for path in paths if not Path(path).is_file())
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"shard not found: {missing[0]}{more}")
-    return sorted(paths)
-
-
 def count_samples(source: str | Sequence[str]) -> int:
     """Samples in the shards as listed by their folders' manifest.json (no shard is read)."""
-    counts: dict[Path, dict[str, int]] = {}
+    counts: dict[str, dict[str, int]] = {}
     total = 0
-    for path in map(Path, shard_paths(source)):
-        if path.parent not in counts:
-            counts[path.parent] = Manifest.load(path.parent).shards
-        if path.name not in counts[path.parent]:
-            raise ValueError(f"{path} is not listed in the manifest of {path.parent}")
-        total += counts[path.parent][path.name]
+    for path in shard_paths(source):
+        folder, name = split_folder(path)
+        if folder not in counts:
+            manifest = folder_manifest(folder)
+            if manifest is None:
+                raise FileNotFoundError(f"no {MANIFEST_NAME} in {folder}: is this a preprocessing output folder?")
+            counts[folder] = manifest.shards
+        if name not in counts[folder]:
+            raise ValueError(f"{path} is not listed in the manifest of {folder}")
+        total += counts[folder][name]
     return total
 
 
-def read_shard(path: str) -> Iterator[Utterance]:
-    """Decoded samples of one shard, in file order; a failure raises ShardError naming the file and sample."""
-    samples = tar_samples(path)
+def read_shard(path: str, read: ReadConfig = ReadConfig(),
+               on_skip: Callable[[str], None] | None = None) -> Iterator[Utterance]:
+    """Decoded samples of one shard, in file order; a failure raises ShardError naming the file and sample.
+
+    A remote shard that cannot be opened or ends early is re-opened up to read.retries times, each time
+    resuming after the last sample read; then, with read.skip_bad_shards, its rest is skipped and on_skip
+    called with its path instead of raising.
+    """
+    samples = _raw_samples(path, read)
     key = None
     while True:
         try:
             raw = next(samples, None)
-        except (OSError, ValueError) as err:  # the tar itself is damaged or unreadable
-            detail = str(err).removeprefix(f"{path}: ")  # tar_samples names the file too
-            raise ShardError(f"{path}: corrupt tar after sample {key!r}: {detail}") from err
+        except Exception as err:  # the tar itself is damaged or unreadable: any transport's error, after retries
+            detail = str(err).removeprefix(f"{path}: ")  # the tar reader names the file too
+            what = "corrupt tar" if isinstance(err, ValueError) else f"cannot be read ({type(err).__name__})"
+            attempts = f", {read.retries + 1} attempts" if is_remote(path) else ""
+            message = f"{path}: {what} after sample {key!r}{attempts}: {detail}"
+            if not read.skip_bad_shards:
+                raise ShardError(message) from err
+            log.warning("skipping the rest of a shard: %s", message)
+            if on_skip is not None:
+                on_skip(path)
+            return
         if raw is None:
             return
         key = raw["__key__"]
@@ -144,14 +154,38 @@ class ClipFilter:
                 f"min_words={self.min_words}")
 
 
-def kept_count(path: str, clip_filter: ClipFilter) -> int:
-    """Clips of a shard that the filter keeps (one read per process, file version and filter)."""
-    return _kept_count(path, clip_filter, os.stat(path).st_mtime_ns)
+def kept_count(path: str, clip_filter: ClipFilter, read: ReadConfig = ReadConfig()) -> int:
+    """Clips of a shard that the filter keeps (one read per process, file version and filter).
+
+    A remote shard is taken not to change while the process runs: asking its version would cost a request.
+    """
+    return _kept_count(path, clip_filter, read, None if is_remote(path) else os.stat(path).st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=None)
-def _kept_count(path: str, clip_filter: ClipFilter, mtime_ns: int) -> int:
-    return sum(clip_filter.reason(utt) is None for utt in read_shard(path))
+def _kept_count(path: str, clip_filter: ClipFilter, read: ReadConfig, mtime_ns: int | None) -> int:
+    return sum(clip_filter.reason(utt) is None for utt in read_shard(path, read))
+
+
+def _raw_samples(path: str, read: ReadConfig) -> Iterator[dict]:
+    """The raw samples of a shard; a remote one is re-opened after a failure, skipping the samples already read."""
+    attempts = read.retries + 1 if is_remote(path) else 1
+    done = 0
+    for attempt in range(attempts):
+        try:
+            with open_shard(path, read) as stream:
+                for i, sample in enumerate(stream_samples(stream, path)):
+                    if i >= done:
+                        done += 1
+                        yield sample
+            return
+        except Exception as err:  # whatever the transport raises (OSError, aiohttp, botocore, a short tar)
+            if attempt + 1 == attempts:
+                raise
+            wait = read.backoff_s * 2**attempt
+            log.warning("%s: read failed after %d samples (%s: %s); retry %d of %d in %.1f s",
+                        path, done, type(err).__name__, err, attempt + 1, read.retries, wait)
+            time.sleep(wait)
 
 
 def padded_share(batch: Batch) -> float:
@@ -206,7 +240,7 @@ class RankStream(IterableDataset):
 
     def visit_len(self, visit: int) -> int:
         """Batches that a visit yields, from the kept counts of its shards."""
-        kept = sum(kept_count(path, self.clip_filter) for path in self._visit(visit)[0])
+        kept = sum(kept_count(path, self.clip_filter, self.cfg.read) for path in self._visit(visit)[0])
         return kept // self.batch_size if self.infinite else math.ceil(kept / self.batch_size)
 
     def _role_start(self, role: int) -> tuple[int, int]:
@@ -241,7 +275,8 @@ class RankStream(IterableDataset):
         size = self.batch_size
         pool_size = size * (POOL_BATCHES if self.cfg.bucket_by_length else 1)
         pool: list[Utterance] = []
-        for utt in _shuffle(self._kept(_interleave(paths, rng)), max(1, self.cfg.shuffle_buffer), rng):
+        shards = [read_shard(path, self.cfg.read, self._count_skip) for path in paths]
+        for utt in _shuffle(self._kept(_interleave(shards, rng)), max(1, self.cfg.shuffle_buffer), rng):
             pool.append(utt)
             if len(pool) == pool_size:
                 yield from self._split(pool, rng)
@@ -274,6 +309,9 @@ class RankStream(IterableDataset):
             else:
                 self._dropped[reason] += 1
 
+    def _count_skip(self, path: str) -> None:
+        self._dropped[SKIPPED_SHARDS] += 1
+
     def _take_dropped(self) -> dict[str, int]:
         dropped, self._dropped = dict(self._dropped), Counter()
         return dropped
@@ -285,9 +323,8 @@ class RankStream(IterableDataset):
         )
 
 
-def _interleave(paths: list[str], rng: random.Random) -> Iterator[Utterance]:
+def _interleave(streams: list[Iterator[Utterance]], rng: random.Random) -> Iterator[Utterance]:
     """The clips of all shards, each next clip taken from a shard chosen at random among those not yet ended."""
-    streams = [read_shard(path) for path in paths]
     while streams:
         i = rng.randrange(len(streams))
         utt = next(streams[i], None)
@@ -317,7 +354,8 @@ class TimedLoader:
     last_wait_s: the wait for the latest batch; total_wait_s and batches: sums since iteration began
     (data-wait % = total_wait_s / elapsed). dropped_by_reason: clips the ClipFilter dropped in the shard
     data read for the batches yielded so far, per reason (text_words, text_tokens, visual_frames); dropped:
-    their sum. num_batches: None for an infinite stream, else the count every rank yields.
+    their sum. skipped_shards: shards cut short by a read failure (data.read.skip_bad_shards). num_batches: None
+    for an infinite stream, else the count every rank yields.
     """
 
     def __init__(self, loader: DataLoader, num_batches: int | None) -> None:
@@ -327,6 +365,7 @@ class TimedLoader:
         self.total_wait_s = 0.0
         self.batches = 0
         self.dropped_by_reason: Counter[str] = Counter()
+        self.skipped_shards = 0
 
     @property
     def dropped(self) -> int:
@@ -345,6 +384,7 @@ class TimedLoader:
         self.last_wait_s = self.total_wait_s = 0.0
         self.batches = 0
         self.dropped_by_reason = Counter()
+        self.skipped_shards = 0
         items = iter(self.loader)
         while self.num_batches is None or self.batches < self.num_batches:
             start = time.perf_counter()
@@ -355,6 +395,7 @@ class TimedLoader:
             batch, dropped = item
             self.total_wait_s += self.last_wait_s
             self.batches += 1
+            self.skipped_shards += dropped.pop(SKIPPED_SHARDS, 0)
             self.dropped_by_reason.update(dropped)
             yield batch
 
@@ -393,7 +434,7 @@ def build_loader(
             raise ValueError(f"{len(paths)} shards in {source!r} for {world_size} ranks: every rank needs a shard")
         clip_filter = ClipFilter.of(cfg)
         per_rank = [
-            sum(math.ceil(kept_count(p, clip_filter) / batch_size) for p in paths[r::world_size])
+            sum(math.ceil(kept_count(p, clip_filter, cfg.read) / batch_size) for p in paths[r::world_size])
             for r in range(world_size)
         ]
         num_batches = min(per_rank)

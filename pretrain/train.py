@@ -171,6 +171,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 nonfinite_skipped=nonfinite_total,
             )
             last_metrics.update(loader.drop_metrics())  # clips the filters dropped on this rank, per reason
+            if cfg.data.read.skip_bad_shards:
+                last_metrics["skipped_shards"] = loader.skipped_shards
             if use_cuda:
                 last_metrics["max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if peak:
@@ -350,15 +352,16 @@ def _check_batch_arithmetic(cfg: PretrainConfig, world_size: int) -> None:
 
 def _check_shards(cfg: PretrainConfig) -> None:
     """The shards exist and hold features of the model's input dims (manifest.json), caught before any work."""
-    from memobert.schema import MANIFEST_NAME, Manifest
+    from memobert.shard_store import folder_manifest
 
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: give a shard folder (with manifest.json) or a .tar pattern")
     shard_paths(cfg.data.train_shards)  # raises FileNotFoundError naming what is missing
-    folder = Path(cfg.data.train_shards)
-    if not (folder / MANIFEST_NAME).is_file():
+    folder = cfg.data.train_shards
+    manifest = folder_manifest(folder)
+    if manifest is None:
         return
-    dims = Manifest.load(folder).dims
+    dims = manifest.dims
     for shard_key, cfg_key in (("audio", "acoustic_dim"), ("visual", "visual_dim"), ("vprob", "vprob_dim")):
         if shard_key in dims and dims[shard_key] != getattr(cfg.model, cfg_key):
             raise ConfigError(

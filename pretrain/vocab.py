@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from memobert.schema import MANIFEST_NAME, Manifest
+from memobert.shard_store import folder_manifest
 from pretrain.config import PretrainConfig
 
 
@@ -26,9 +26,9 @@ class SpecialIds:
 
 def vocab_folder(cfg: PretrainConfig) -> str | None:
     """The shards' manifest vocab (extractors.text.vocab), else init_from's vocab.txt, else None (bundled)."""
-    shards = Path(cfg.data.train_shards)
-    if (shards / MANIFEST_NAME).is_file():
-        recorded = Manifest.load(shards).extractors.get("text", {}).get("vocab")
+    manifest = folder_manifest(cfg.data.train_shards) if cfg.data.train_shards else None
+    if manifest is not None:
+        recorded = manifest.extractors.get("text", {}).get("vocab")
         if recorded:
             return recorded
     folder = cfg.model.text_bert
