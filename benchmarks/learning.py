@@ -17,7 +17,8 @@ encoder trained on its FER+ part, preprocessing of the movies (pretraining data)
 Every score is finetune's: mean over folds per seed, then mean over seeds. A table is printed at the end.
 
     PYTHONPATH=. .venv/bin/python benchmarks/learning.py --seed 7 --scale small --out runs/learning
-        [--seeds 42] [--folds 1,2,...] [--pretrain-steps 200] [--fer-epochs 6] [--face-fps 5] [FINETUNE_KEY=VALUE ...]
+        [--seeds "[42]"] [--folds "[1,2]"] [--settings direct,...] [--pretrain-steps 200] [--fer-epochs 6]
+        [--face-fps 5] [FINETUNE_KEY=VALUE ...]
 
 Stages already done under OUT are reused (corpus, FER checkpoint, shards, pretraining run, finetune runs), so an
 interrupted run continues; `seconds` then times only what this invocation did.
@@ -262,6 +263,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", default="[42]", help="finetuning seeds, e.g. [42,1234]")
     parser.add_argument("--folds", default="[]", help="IEMOCAP folds, e.g. [1,2]; [] = all 10")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="the settings table's settings (comma-separated)")
     parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--fer-epochs", type=int, default=6)
     parser.add_argument("--face-fps", type=float, default=5.0)
@@ -278,7 +280,7 @@ def main() -> None:
     model = stages.pretrained(shards)
     utts = load_utterances(str(shards["iemocap"]), DataConfig())
     print(f"labeled utterances: {len(utts)}, per class {dict(sorted(Counter(u.meta['label'] for u in utts).items()))}")
-    records = stages.finetune("finetune", shards["iemocap"], model, SETTINGS, "1.0")
+    records = stages.finetune("finetune", shards["iemocap"], model, args.settings.split(","), "1.0")
     probe = stages.finetune("probe", shards["iemocap"], model, ["probe"], "1.0")
     fractions = {f: stages.finetune(f"fraction_{f}", shards["iemocap"], model, FRACTION_SETTINGS, f)
                  for f in FRACTIONS if f != "1.0"}
