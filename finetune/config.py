@@ -10,11 +10,13 @@ from memobert.config import check
 from memobert.shard_store import ReadConfig
 from preprocessing.text import default_vocab_folder
 
-Setting = Literal["direct", "bert_direct", "pretrain_finetune", "pretrain_prompt", "mfn", "m3er"]
+Setting = Literal["direct", "bert_direct", "pretrain_finetune", "pretrain_prompt", "mfn", "m3er", "probe"]
 SETTINGS: tuple[str, ...] = get_args(Setting)
 # The paper's four settings: the default list. The baselines (finetune/baselines/) are opt-in.
 PAPER_SETTINGS = SETTINGS[:4]
 BASELINE_SETTINGS = ("mfn", "m3er")
+# Logistic regressions on pooled features (finetune/probe.py): checks that shards carry the class; opt-in.
+PROBE = "probe"
 # Settings whose backbone is the pretrained MEmoBERT: they need `checkpoint`.
 PRETRAINED_SETTINGS = ("pretrain_finetune", "pretrain_prompt")
 # Settings that read a given checkpoint (direct takes its shape); the others ignore it.
@@ -40,10 +42,14 @@ class DataConfig:
     max_text_len: int = 120
     max_visual_len: int = 36
     max_acoustic_len: int = 64
+    # Share of the training speakers' utterances that keep their labels (few-shot runs): drawn per seed and
+    # class, so every class keeps its share; validation and test speakers always keep all of theirs.
+    label_fraction: float = 1.0
 
     def validate(self) -> None:
         for key in ("max_text_len", "max_visual_len", "max_acoustic_len"):
             check(getattr(self, key) > 0, key, "must be positive")
+        check(0.0 < self.label_fraction <= 1.0, "label_fraction", f"must be in (0, 1], got {self.label_fraction}")
 
 
 @dataclass

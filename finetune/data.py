@@ -71,6 +71,22 @@ def split_fold(utts: Sequence[Utterance], fold: Fold) -> FoldData:
     )
 
 
+def label_subset(utts: Sequence[Utterance], fraction: float, seed: int) -> list[Utterance]:
+    """A seeded share `fraction` of `utts` drawn per class (at least one of each class present), in input order.
+
+    Draws depend only on the seed and the utterance keys, not on the order the shards were read in.
+    """
+    if fraction >= 1.0:
+        return list(utts)
+    rng = np.random.default_rng(seed)
+    chosen: set[str] = set()
+    for label in sorted({u.meta[LABEL_KEY] for u in utts}):
+        keys = sorted(u.key for u in utts if u.meta[LABEL_KEY] == label)
+        count = max(1, round(fraction * len(keys)))
+        chosen.update(keys[int(i)] for i in rng.choice(len(keys), size=count, replace=False))
+    return [u for u in utts if u.key in chosen]
+
+
 def keep_modalities(utts: Sequence[Utterance], subset: str) -> list[Utterance]:
     """The utterances with the modalities outside `subset` made empty: no text tokens, zero frames."""
     if subset == "tav":

@@ -26,6 +26,7 @@ SETTING_NAMES = {
     "pretrain_prompt": "Pretrain+Prompt",
     "mfn": "MFN",
     "m3er": "M3ER",
+    "probe": "Probe (logistic regression)",
 }
 # What each setting takes from a text BERT (its run records name which one: finetune.settings.text_model).
 TEXT_MODEL_USE = {
@@ -76,6 +77,7 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
         f"# {title(cfg.data.protocol)}",
         "",
         f"{len(CLASSES)} classes ({', '.join(CLASSES)}); {fold_text}; seeds {_join(cfg.seeds)}.",
+        label_fraction_text(cfg.data.label_fraction),
         selection_text(cfg.data.protocol),
         "Mean over folds per seed, then mean ± std over seeds, in %; std is the sample standard deviation over "
         "seeds (ddof=1), as papers report it (none with a single seed).",
@@ -87,6 +89,8 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
     notes = text_model_notes(records, settings)
     if "pretrain_prompt" in settings:
         notes.append(prompt_scoring_note(cfg.prompt.scoring, records))
+    if "probe" in settings:
+        notes.append(PROBE_NOTE)
     if notes:
         lines += ["", " ".join(notes)]
     lines += [
@@ -109,6 +113,19 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
     path = out_dir / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+PROBE_NOTE = ("Probe: a logistic regression per modality subset on pooled features (text: the bag of token ids; "
+              "audio and visual: mean and std over frames), its C chosen on the validation speaker; its T, A and V "
+              "columns below say how much of the class each modality of the shards carries.")
+
+
+def label_fraction_text(fraction: float) -> str:
+    """Which labels the training speakers gave: all, or a seeded per-class share."""
+    if fraction >= 1.0:
+        return "Every labeled utterance of the training speakers trains (label fraction 1.0)."
+    return (f"Label fraction {fraction:g}: a share of {100 * fraction:g}% of the training speakers' utterances, drawn "
+            f"per class and seed, trains; validation and test speakers keep all of theirs.")
 
 
 def title(protocol: str) -> str:

@@ -33,6 +33,7 @@ from finetune.config import (
     BUNDLED_BERT,
     CHECKPOINT_SETTINGS,
     PRETRAINED_SETTINGS,
+    PROBE,
     FinetuneConfig,
     TrainConfig,
     text_bert_folder,
@@ -43,12 +44,14 @@ from finetune.data import (
     batches,
     feature_dims,
     keep_modalities,
+    label_subset,
     labels_of,
     load_utterances,
     split_fold,
 )
 from finetune.metrics import NOT_A_CLASS, confusion, scores
 from finetune.counts import log_counts
+from finetune.probe import run_probe
 from finetune.prompt import PromptModel, Template
 from finetune.protocols import CLASSES, Fold, folds_for
 from finetune.report import write_report
@@ -172,24 +175,23 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
         if not getattr(data, part):
             raise ValueError(f"fold {fold.index}: no {part} samples (speakers: train {fold.train}, val {fold.val}, "
                              f"test {fold.test}); check the shards' 'speaker' ids against the {cfg.data.protocol} protocol")
-    torch.manual_seed(seed)  # classifier / random init and dropout follow the seed
-    model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
-    # The fit-time hook never reads the test speaker, not even under a protocol whose validation speaker is the
-    # test speaker (msp_improv_11to1): there the training speakers stand in for validation (M3ER's threshold).
-    fitted = prepare(model, data if fold.val != fold.test else replace(data, val=data.train), cfg, ctx)
-    history, selected = train_and_select(model, data, cfg, seed, ctx, desc=f"{setting} s{seed} f{fold.index}",
-                                         schedule=schedule_for(setting, cfg))
+    data = replace(data, train=label_subset(data.train, cfg.data.label_fraction, seed))
+    if setting == PROBE:
+        test_predictions, fitted, history = run_probe(data)
+        selected = None
+        val_uar = max(h["val_uar"] for h in history if h["subset"] == "tav")
+    else:
+        test_predictions, fitted, history, selected = train_model(setting, seed, fold, data, cfg, ctx)
+        val_uar = next(h["val_uar"] for h in history if h["step"] == selected)
 
     y_test = labels_of(data.test)
-    evaluated = {}
-    for subset in MODALITY_SUBSETS:
-        pred = predict(model, keep_modalities(data.test, subset), cfg, ctx)
-        evaluated[subset] = pred, {"scores": scores(y_test, pred, len(CLASSES)),
-                                   "confusion": confusion(y_test, pred, len(CLASSES)).tolist()}
-    pred, full = evaluated.pop("tav")
+    evaluated = {subset: {"scores": scores(y_test, pred, len(CLASSES)),
+                          "confusion": confusion(y_test, pred, len(CLASSES)).tolist()}
+                 for subset, pred in test_predictions.items()}
+    pred, full = test_predictions["tav"], evaluated.pop("tav")
     predictions = {u.key: int(p) for u, p in zip(data.test, pred)}
-    log.info("%s seed %d fold %d: test %s (step %d selected on validation)", setting, seed, fold.index,
-             " ".join(f"{k} {v:.3f}" for k, v in full["scores"].items()), selected)
+    log.info("%s seed %d fold %d: test %s (selected on validation: %s)", setting, seed, fold.index,
+             " ".join(f"{k} {v:.3f}" for k, v in full["scores"].items()), selected if selected is not None else fitted)
     return {
         "setting": setting,
         "seed": seed,
@@ -197,10 +199,11 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
         "protocol": cfg.data.protocol,
         "text_model": text_model(setting, cfg),
         "speakers": {"train": list(fold.train), "val": fold.val, "test": fold.test},
+        "label_fraction": cfg.data.label_fraction,
         "samples": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "fitted": fitted,
         "selected_step": selected,
-        "val_uar": next(h["val_uar"] for h in history if h["step"] == selected),
+        "val_uar": val_uar,
         "history": history,
         "scores": full["scores"],
         # The prompt's vocab scoring: test predictions that were no label word (counted wrong).
@@ -208,8 +211,23 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
         "confusion": full["confusion"],
         "num_predictions": len(predictions),
         "predictions": predictions,
-        "missing_modalities": {subset: result for subset, (_, result) in evaluated.items()},
+        "missing_modalities": evaluated,
     }
+
+
+def train_model(
+    setting: str, seed: int, fold: Fold, data: FoldData, cfg: FinetuneConfig, ctx: Context
+) -> tuple[dict[str, np.ndarray], dict[str, Any], list[dict[str, float]], int]:
+    """A torch setting's run: build, fit-time hook, train and select; test predictions per modality subset."""
+    torch.manual_seed(seed)  # classifier / random init and dropout follow the seed
+    model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
+    # The fit-time hook never reads the test speaker, not even under a protocol whose validation speaker is the
+    # test speaker (msp_improv_11to1): there the training speakers stand in for validation (M3ER's threshold).
+    fitted = prepare(model, data if fold.val != fold.test else replace(data, val=data.train), cfg, ctx)
+    history, selected = train_and_select(model, data, cfg, seed, ctx, desc=f"{setting} s{seed} f{fold.index}",
+                                         schedule=schedule_for(setting, cfg))
+    predictions = {subset: predict(model, keep_modalities(data.test, subset), cfg, ctx) for subset in MODALITY_SUBSETS}
+    return predictions, fitted, history, selected
 
 
 def prepare(model: nn.Module, data: FoldData, cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:

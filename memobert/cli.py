@@ -189,7 +189,7 @@ def _finetune_shortcuts(args: argparse.Namespace) -> dict[str, Any]:
 def _add_finetune_shortcuts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="shortcut for data.shards=SOURCE (labeled shards: folder, pattern, URL or pipe:)")
     parser.add_argument("--protocol", help="shortcut for data.protocol=iemocap|msp_improv|msp_improv_11to1")
-    parser.add_argument("--settings", help="shortcut for settings=direct,bert_direct,pretrain_finetune,pretrain_prompt")
+    parser.add_argument("--settings", help="shortcut for settings=direct,bert_direct,pretrain_finetune,pretrain_prompt (also mfn, m3er, probe)")
     parser.add_argument("--checkpoint", help="shortcut for checkpoint=DIR (an export or a DeepSpeed run/checkpoint)")
     parser.add_argument("--seeds", type=_int_list, help="shortcut for seeds=42,1234,...")
     parser.add_argument("--folds", type=_int_list, help="shortcut for folds=1,2,... (1-based; default all)")

@@ -26,6 +26,7 @@ def write_tiny_shards(
     vocab_size: int = 1000,
     speakers: Sequence[str] | None = None,
     class_signal: float = 0.0,
+    signal_in: str = "tav",
 ) -> Path:
     """Write `n_samples` random utterances of mixed lengths into exactly `n_shards` tars plus manifest.json.
 
@@ -36,7 +37,8 @@ def write_tiny_shards(
     speakers: real protocol speaker ids (e.g. Ses01F, F01); utterance i is spoken by speakers[i % n], its
     session is the id's number and its label (i // n) % 4, so every speaker has every class. Without it:
     speakers spk0..spk2, label i % 4. class_signal > 0 makes labels learnable: the first token becomes
-    vocab_size + label and every frame's feature `label` is shifted by class_signal.
+    vocab_size + label and every frame's feature `label` is shifted by class_signal, in the modalities named
+    by signal_in (t: text, a: audio, v: visual); the others carry no class.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ def write_tiny_shards(
                 if speakers:
                     _assign_speaker(utt, int(i), speakers)
                 if class_signal:
-                    _add_class_signal(utt, class_signal, vocab_size)
+                    _add_class_signal(utt, class_signal, vocab_size, signal_in)
                 sink.write(encode(utt))
         counts[name] = len(indices)
     Manifest(
@@ -98,12 +100,15 @@ def _assign_speaker(utt: Utterance, i: int, speakers: Sequence[str]) -> None:
     utt.meta.update(speaker=speaker, session=int(re.search(r"\d+", speaker).group()), label=(i // len(speakers)) % 4)
 
 
-def _add_class_signal(utt: Utterance, strength: float, vocab_size: int) -> None:
+def _add_class_signal(utt: Utterance, strength: float, vocab_size: int, signal_in: str) -> None:
     # Applied after every random draw, so the RNG stream (and all other samples) stay as without it.
     label = utt.meta["label"]
-    utt.tokens[0] = vocab_size + label
-    utt.audio[:, label] += strength
-    utt.visual[:, label] += strength
+    if "t" in signal_in:
+        utt.tokens[0] = vocab_size + label
+    if "a" in signal_in:
+        utt.audio[:, label] += strength
+    if "v" in signal_in:
+        utt.visual[:, label] += strength
 
 
 def shard_digests(folder: Path) -> dict[str, str]:

@@ -1,0 +1,297 @@
+"""Learning benchmark: does emotion signal survive each stage, and does pretraining help? Against known ceilings.
+
+For one generator seed and scale, in one run: the synthetic corpus (movies, IEMOCAP layout, FER+), the visual
+encoder trained on its FER+ part, preprocessing of the movies (pretraining data) and of the IEMOCAP layout
+(labeled), pretraining and export, then finetuning on the labeled shards. Writes OUT/learning.json:
+
+  ceilings        the Bayes-optimal classifier's accuracy and UAR on the labeled utterances actually drawn,
+                  from the generator's ground truth: per modality (its cue alone) and fused (all three cues),
+                  knowing each modality's reliability and the drawn class shares; ties count 1/k
+  asd_accuracy    kept labeled utterances with a face whose chosen track is the speaker's face (tracks are
+                  numbered by first appearance, left to right; the two actors show from the first frame, so
+                  track 0 is the left actor) / kept labeled utterances with a face
+  probe_uar       the probe setting's text / audio / visual UAR (logistic regressions on pooled shard features)
+  settings        per setting: fused uar and wa, and subsets (UAR per modality subset, "T" ... "T+A+V")
+  label_fraction  {"0.1" | "0.3" | "1.0": {setting: fused uar}} for direct, pretrain_finetune, pretrain_prompt
+  seeds, folds, scale, generator_seed, seconds (per stage), and the configs' overrides
+Every score is finetune's: mean over folds per seed, then mean over seeds. A table is printed at the end.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/learning.py --seed 7 --scale small --out runs/learning
+        [--seeds "[42]"] [--folds "[1,2]"] [--settings direct,...] [--pretrain-steps 200] [--fer-epochs 6]
+        [--face-fps 5] [FINETUNE_KEY=VALUE ...]
+
+Stages already done under OUT are reused (corpus, FER checkpoint, shards, pretraining run, finetune runs), so an
+interrupted run continues; `seconds` then times only what this invocation did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+MODALITIES = {"text": "text_class", "audio": "audio_class", "visual": "face_class"}
+RELIABILITY_KEYS = {"text": "text_reliability", "audio": "audio_reliability", "visual": "face_reliability"}
+SETTINGS = ("direct", "bert_direct", "pretrain_finetune", "pretrain_prompt", "mfn", "m3er")
+FRACTION_SETTINGS = ("direct", "pretrain_finetune", "pretrain_prompt")
+FRACTIONS = ("0.1", "0.3", "1.0")
+SUBSETS = {"T": "t", "A": "a", "V": "v", "T+A": "ta", "T+V": "tv", "A+V": "av", "T+A+V": "tav"}
+PROBE_MODALITIES = {"text": "t", "audio": "a", "visual": "v"}
+
+
+def iemocap_turns(corpus: Path) -> dict[str, dict[str, Any]]:
+    """The generator's ground truth of every IEMOCAP-layout turn, by shard key."""
+    from preprocessing.segments import sanitize_key
+
+    turns = {}
+    for path in sorted((corpus / "ground_truth" / "iemocap").glob("*.json")):
+        for turn in json.loads(path.read_text())["turns"]:
+            turns[sanitize_key(turn["name"])] = turn
+    return turns
+
+
+def bayes_ceilings(labels: Sequence[int], cues: Sequence[dict[str, str]], reliability: dict[str, float]) -> dict[str, Any]:
+    """Accuracy and UAR of the Bayes-optimal rule on these utterances, from each modality's cue and from all three.
+
+    labels: class ids (finetune.protocols.CLASSES); cues: per utterance {"text" | "audio" | "visual": class name};
+    reliability: per modality, P(cue = true class), else one of the other classes uniformly. The prior is the
+    class shares of `labels`. A tie between k classes containing the true one counts 1/k.
+    """
+    from finetune.protocols import CLASSES
+
+    labels = np.asarray(labels)
+    n_classes = len(CLASSES)
+    prior = np.bincount(labels, minlength=n_classes) / len(labels)
+    credit = {}
+    for name, used in [(m, (m,)) for m in MODALITIES] + [("fused", tuple(MODALITIES))]:
+        hits = np.zeros(len(labels))
+        for i, (label, shown) in enumerate(zip(labels, cues)):
+            posterior = np.log(np.maximum(prior, 1e-300))
+            for modality in used:
+                r = reliability[modality]
+                likelihood = np.full(n_classes, (1 - r) / (n_classes - 1))
+                likelihood[CLASSES.index(shown[modality])] = r
+                posterior += np.log(np.maximum(likelihood, 1e-300))
+            best = np.flatnonzero(np.isclose(posterior, posterior.max()))
+            hits[i] = (label in best) / len(best)
+        credit[name] = hits
+    present = [c for c in range(n_classes) if (labels == c).any()]
+    return {
+        "accuracy": {name: float(h.mean()) for name, h in credit.items()},
+        "uar": {name: float(np.mean([h[labels == c].mean() for c in present])) for name, h in credit.items()},
+        "utterances": int(len(labels)),
+    }
+
+
+def labeled_ceilings(corpus: Path, utts: Sequence[Any]) -> dict[str, Any]:
+    """bayes_ceilings for the labeled utterances in the shards, with the generator's reliabilities."""
+    config = json.loads((corpus / "synth_summary.json").read_text())["config"]
+    truth = iemocap_turns(corpus)
+    labels = [u.meta["label"] for u in utts]
+    cues = [{m: truth[u.key][field] for m, field in MODALITIES.items()} for u in utts]
+    return bayes_ceilings(labels, cues, {m: float(config[key]) for m, key in RELIABILITY_KEYS.items()})
+
+
+def asd_accuracy(corpus: Path, utts: Sequence[Any]) -> dict[str, Any]:
+    """Share of labeled utterances with a face whose chosen track is the speaking actor (0: left, 1: right)."""
+    truth = iemocap_turns(corpus)
+    with_face = [u for u in utts if u.meta.get("speaker_track") is not None]
+    right = sum(u.meta["speaker_track"] == truth[u.key]["speaker"] for u in with_face)
+    return {"accuracy": right / len(with_face) if with_face else float("nan"), "with_face": len(with_face),
+            "utterances": len(utts)}
+
+
+def setting_scores(records: Sequence[dict[str, Any]], setting: str) -> dict[str, Any]:
+    """Fused UAR and WA and the UAR of each modality subset: fold means per seed, then the mean over seeds."""
+    from finetune.report import summarize
+
+    return {"uar": summarize(records, setting)["uar"].mean, "wa": summarize(records, setting)["wa"].mean,
+            "subsets": {name: summarize(records, setting, subset)["uar"].mean for name, subset in SUBSETS.items()}}
+
+
+def assemble(
+    ceilings: dict[str, Any],
+    asd: dict[str, Any],
+    probe_records: Sequence[dict[str, Any]],
+    setting_records: Sequence[dict[str, Any]],
+    fraction_records: dict[str, Sequence[dict[str, Any]]],
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    """learning.json from the stages' outputs; fraction_records: {"0.1" | "0.3": records}, 1.0 is setting_records."""
+    from finetune.report import summarize
+
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in setting_records)]
+    by_fraction = {**fraction_records, "1.0": setting_records}
+    return {
+        "ceilings": ceilings,
+        "asd_accuracy": asd["accuracy"],
+        "asd": asd,
+        "probe_uar": {name: summarize(probe_records, "probe", subset)["uar"].mean
+                      for name, subset in PROBE_MODALITIES.items()},
+        "settings": {s: setting_scores(setting_records, s) for s in settings},
+        "label_fraction": {f: {s: summarize(by_fraction[f], s)["uar"].mean for s in FRACTION_SETTINGS
+                               if any(r["setting"] == s for r in by_fraction[f])} for f in FRACTIONS},
+        **run,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    """The printed summary: ceilings, ASD, probes, settings by modality subset, the label-fraction curve."""
+    pct = lambda v: f"{100 * v:6.2f}"  # noqa: E731
+    ceil = result["ceilings"]
+    lines = [f"scale {result['scale']}, generator seed {result['generator_seed']}, seeds {result['seeds']}, "
+             f"folds {result['folds']}; UAR in %",
+             "ceilings (Bayes, accuracy / UAR): " + ", ".join(
+                 f"{m} {pct(ceil['accuracy'][m]).strip()} / {pct(ceil['uar'][m]).strip()}" for m in ceil["accuracy"]),
+             f"ASD accuracy: {pct(result['asd_accuracy']).strip()} ({result['asd']['with_face']} of "
+             f"{result['asd']['utterances']} labeled utterances with a face)",
+             "probe UAR: " + ", ".join(f"{m} {pct(v).strip()}" for m, v in result["probe_uar"].items()),
+             "",
+             f"{'setting':<18}" + "".join(f"{name:>8}" for name in SUBSETS) + f"{'WA':>8}"]
+    for setting, s in result["settings"].items():
+        lines.append(f"{setting:<18}" + "".join(f"{pct(s['subsets'][n]):>8}" for n in SUBSETS) + f"{pct(s['wa']):>8}")
+    lines += ["", f"{'label fraction':<18}" + "".join(f"{f:>8}" for f in FRACTIONS)]
+    for setting in FRACTION_SETTINGS:
+        row = [result["label_fraction"][f].get(setting) for f in FRACTIONS]
+        lines.append(f"{setting:<18}" + "".join(f"{pct(v) if v is not None else '-':>8}" for v in row))
+    lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())]
+    return "\n".join(lines)
+
+
+class Stages:
+    """Runs the real stages under one folder, timing each; a stage whose output exists is skipped."""
+
+    def __init__(self, out: Path, args: argparse.Namespace) -> None:
+        self.out, self.args = out, args
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        print(f"== {name}", flush=True)
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+
+    def corpus(self) -> Path:
+        from preprocessing.synth import SynthConfig, generate_corpus
+
+        corpus = self.out / "corpus"
+        with self.timed("synth"):
+            if not (corpus / "synth_summary.json").is_file():
+                generate_corpus(corpus, SynthConfig(seed=self.args.seed, scale=self.args.scale,
+                                                    parts=["movies", "iemocap", "ferplus"]))
+        return corpus
+
+    def visual_encoder(self, corpus: Path) -> Path:
+        from memobert.config import load_config
+        from preprocessing.fer import FerTrainConfig, train_fer
+
+        ckpt = self.out / "densenet_fer.pt"
+        with self.timed("train_fer"):
+            if not ckpt.is_file():
+                train_fer(corpus / "ferplus/fer2013.csv", corpus / "ferplus/fer2013new.csv", ckpt,
+                          load_config(FerTrainConfig, [CONFIGS / "train_fer/tiny_cpu.yaml"],
+                                      [f"epochs={self.args.fer_epochs}"]))
+        return ckpt
+
+    def shards(self, corpus: Path, fer: Path) -> dict[str, Path]:
+        from memobert.config import load_config
+        from memobert.schema import MANIFEST_NAME
+        from preprocessing.config import PreprocessConfig
+        from preprocessing.pipeline import preprocess
+
+        tiny = CONFIGS / "preprocess/tiny_cpu.yaml"
+        out = {}
+        for name, extra in (("movies", []), ("iemocap", [CONFIGS / "preprocess/labeled.yaml"])):
+            out[name] = self.out / "shards" / name
+            with self.timed(f"preprocess_{name}"):
+                if not (out[name] / MANIFEST_NAME).is_file():
+                    cfg = load_config(PreprocessConfig, [tiny, *extra],
+                                      [f"visual.weights={fer}", f"face.fps={self.args.face_fps}"])
+                    preprocess(corpus / name, out[name], cfg)
+        return out
+
+    def pretrained(self, shards: dict[str, Path]) -> Path:
+        from memobert.config import load_config
+        from memobert.schema import Manifest
+        from pretrain.config import PretrainConfig
+        from pretrain.export import export
+        from pretrain.train import train
+
+        run, model = self.out / "pretrain", self.out / "model"
+        steps = self.args.pretrain_steps
+        with self.timed("pretrain"):
+            if not (model / "config.json").is_file():
+                dims = Manifest.load(shards["movies"]).dims
+                train(load_config(PretrainConfig, [CONFIGS / "pretrain/cpu_tiny.yaml"], [
+                    f"data.train_shards={shards['movies']}", f"data.val_shards={shards['iemocap']}",
+                    f"model.acoustic_dim={dims['audio']}", f"model.visual_dim={dims['visual']}", f"train.out_dir={run}",
+                    f"train.steps={steps}", f"train.val_every={steps}", f"train.ckpt_every={steps}"]))
+        with self.timed("export"):
+            if not (model / "config.json").is_file():
+                export(run, model)
+        return model
+
+    def finetune(self, name: str, shards: Path, model: Path, settings: Sequence[str], fraction: str) -> list[dict]:
+        from finetune.config import FinetuneConfig
+        from finetune.run import run_finetune, run_path
+        from memobert.config import load_config
+
+        cfg = load_config(FinetuneConfig, [CONFIGS / "finetune/demo_cpu.yaml"], [
+            f"data.shards={shards}", "data.protocol=iemocap", f"checkpoint={model}", f"out_dir={self.out / name}",
+            f"settings={','.join(settings)}", f"seeds={self.args.seeds}", f"folds={self.args.folds}",
+            f"data.label_fraction={fraction}", *self.args.overrides])
+        with self.timed(name):
+            run_finetune(cfg)
+        return [json.loads(run_path(cfg.out_dir, s, seed, f).read_text())
+                for s in cfg.settings for seed in cfg.seeds for f in cfg.fold_numbers]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, required=True, help="the generator's seed (not one the tests use)")
+    parser.add_argument("--scale", default="small", choices=("tiny", "small", "medium"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", default="[42]", help="finetuning seeds, e.g. [42,1234]")
+    parser.add_argument("--folds", default="[]", help="IEMOCAP folds, e.g. [1,2]; [] = all 10")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="the settings table's settings (comma-separated)")
+    parser.add_argument("--pretrain-steps", type=int, default=200)
+    parser.add_argument("--fer-epochs", type=int, default=6)
+    parser.add_argument("--face-fps", type=float, default=5.0)
+    parser.add_argument("overrides", nargs="*", help="finetune config overrides (KEY=VALUE) for every finetune run")
+    args = parser.parse_args()
+
+    from finetune.data import load_utterances
+    from finetune.config import DataConfig
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(args.out, args)
+    corpus = stages.corpus()
+    shards = stages.shards(corpus, stages.visual_encoder(corpus))
+    model = stages.pretrained(shards)
+    utts = load_utterances(str(shards["iemocap"]), DataConfig())
+    print(f"labeled utterances: {len(utts)}, per class {dict(sorted(Counter(u.meta['label'] for u in utts).items()))}")
+    records = stages.finetune("finetune", shards["iemocap"], model, args.settings.split(","), "1.0")
+    probe = stages.finetune("probe", shards["iemocap"], model, ["probe"], "1.0")
+    fractions = {f: stages.finetune(f"fraction_{f}", shards["iemocap"], model, FRACTION_SETTINGS, f)
+                 for f in FRACTIONS if f != "1.0"}
+    run = {"seeds": sorted({r["seed"] for r in records}), "folds": sorted({r["fold"] for r in records}),
+           "scale": args.scale, "generator_seed": args.seed, "pretrain_steps": args.pretrain_steps,
+           "finetune_overrides": args.overrides, "seconds": stages.seconds}
+    result = assemble(labeled_ceilings(corpus, utts), asd_accuracy(corpus, utts), probe, records, fractions, run)
+    (args.out / "learning.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"-> {args.out / 'learning.json'}")
+
+
+if __name__ == "__main__":
+    main()

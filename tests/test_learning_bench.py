@@ -1,0 +1,114 @@
+"""benchmarks/learning.py: the Bayes ceilings on a hand-made ground truth, the ASD check, and learning.json's keys
+assembled from small run records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.data import MODALITY_SUBSETS
+from memobert.schema import Utterance
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("learning_bench", REPO / "benchmarks" / "learning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cues(text: str, audio: str, visual: str) -> dict[str, str]:
+    return {"text": text, "audio": audio, "visual": visual}
+
+
+def test_bayes_ceilings_on_a_hand_made_ground_truth(bench) -> None:
+    # Classes: 0 anger, 1 happiness, 2 neutral, 3 sadness; each cue right with probability 0.7, else one of 3.
+    labels = [0, 1, 2, 3]
+    cues = [
+        _cues("anger", "anger", "happiness"),  # two of three agree on the truth: fused right
+        _cues("anger", "sadness", "happiness"),  # all disagree: a three-way tie holding the truth, 1/3
+        _cues("happiness", "happiness", "neutral"),  # two agree on a wrong class: fused wrong
+        _cues("anger", "happiness", "neutral"),  # a three-way tie without the truth
+    ]
+    got = bench.bayes_ceilings(labels, cues, {"text": 0.7, "audio": 0.7, "visual": 0.7})
+    assert got["accuracy"] == pytest.approx({"text": 0.25, "audio": 0.25, "visual": 0.5, "fused": (1 + 1 / 3) / 4})
+    assert got["uar"]["fused"] == pytest.approx((1 + 1 / 3) / 4)  # one utterance per class: UAR = accuracy
+    assert got["utterances"] == 4
+    # An unreliable modality (0.25: the cue says nothing) is outvoted, and the prior decides alone: the majority class.
+    got = bench.bayes_ceilings([0, 0, 0, 1], [_cues("happiness", "anger", "anger")] * 4,
+                               {"text": 0.25, "audio": 0.25, "visual": 0.25})
+    assert got["accuracy"]["text"] == got["accuracy"]["fused"] == 0.75
+    assert got["uar"]["fused"] == 0.5
+
+
+def test_ceilings_and_asd_read_the_generators_ground_truth(bench, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    truth = corpus / "ground_truth" / "iemocap"
+    truth.mkdir(parents=True)
+    (corpus / "synth_summary.json").write_text(json.dumps({"config": {
+        "text_reliability": 0.7, "audio_reliability": 0.7, "face_reliability": 0.7}}))
+    # Each modality right on two of three turns, never on the same turn wrong: fusion gets all three. (Wrong cues
+    # name drawn classes: a cue for a class no utterance has is overruled by its zero prior.)
+    turns = [{"name": "Ses01F_impro01_F000", "speaker": 0, **_classes("anger", "sadness", "anger")},
+             {"name": "Ses01F_impro01_M000", "speaker": 1, **_classes("sadness", "sadness", "neutral")},
+             {"name": "Ses01F_impro01_F001", "speaker": 0, **_classes("anger", "neutral", "neutral")}]
+    (truth / "Ses01F_impro01.json").write_text(json.dumps({"turns": turns}))
+    utts = [_utt("Ses01F_impro01_F000", 0, track=0), _utt("Ses01F_impro01_M000", 3, track=0),
+            _utt("Ses01F_impro01_F001", 2, track=None)]
+    ceilings = bench.labeled_ceilings(corpus, utts)
+    assert ceilings["accuracy"] == pytest.approx({"text": 2 / 3, "audio": 2 / 3, "visual": 2 / 3, "fused": 1.0})
+    # Only utterances with a face count; the M turn's track 0 is the left (F) actor: wrong.
+    assert bench.asd_accuracy(corpus, utts) == {"accuracy": 0.5, "with_face": 2, "utterances": 3}
+
+
+def _classes(text: str, audio: str, face: str) -> dict[str, str]:
+    return {"text_class": text, "audio_class": audio, "face_class": face}
+
+
+def _utt(key: str, label: int, track: int | None) -> Utterance:
+    empty = np.zeros((0, 2))
+    return Utterance(key=key, meta={"label": label, "speaker_track": track}, tokens=np.zeros(0, np.int64),
+                     words=np.zeros(0, np.int64), audio=empty, visual=empty, vprob=empty)
+
+
+def _records(setting: str, uar: float, seeds=(42,), folds=(1, 2)) -> list[dict]:
+    scores = {"wa": uar + 0.01, "uar": uar, "wf1": uar}
+    return [{"setting": setting, "seed": seed, "fold": fold, "scores": scores,
+             "missing_modalities": {s: {"scores": {**scores, "uar": uar / len(s)}} for s in MODALITY_SUBSETS if s != "tav"}}
+            for seed in seeds for fold in folds]
+
+
+def test_learning_json_has_every_key(bench) -> None:
+    ceilings = bench.bayes_ceilings([0, 1], [_cues("anger", "anger", "anger")] * 2, {m: 0.7 for m in bench.MODALITIES})
+    settings = [r for i, s in enumerate(bench.SETTINGS) for r in _records(s, 0.3 + 0.05 * i)]
+    fractions = {"0.1": [r for s in bench.FRACTION_SETTINGS for r in _records(s, 0.3)],
+                 "0.3": [r for s in bench.FRACTION_SETTINGS for r in _records(s, 0.4)]}
+    run = {"seeds": [42], "folds": [1, 2], "scale": "tiny", "generator_seed": 7, "seconds": {"synth": 1.0}}
+    result = bench.assemble(ceilings, {"accuracy": 0.9, "with_face": 10, "utterances": 11}, _records("probe", 0.6),
+                            settings, fractions, run)
+    assert {"ceilings", "asd_accuracy", "probe_uar", "settings", "label_fraction", "seeds", "folds", "scale",
+            "seconds"} <= set(result)
+    assert set(result["ceilings"]["accuracy"]) == {"text", "audio", "visual", "fused"}
+    assert result["asd_accuracy"] == 0.9
+    assert result["probe_uar"] == pytest.approx({"text": 0.6, "audio": 0.6, "visual": 0.6})
+    assert set(result["settings"]) == set(bench.SETTINGS)
+    direct = result["settings"]["direct"]
+    assert set(direct) == {"uar", "wa", "subsets"} and direct["wa"] == pytest.approx(0.31)
+    assert set(direct["subsets"]) == {"T", "A", "V", "T+A", "T+V", "A+V", "T+A+V"}
+    assert direct["subsets"]["T+A+V"] == direct["uar"] == pytest.approx(0.3)
+    assert direct["subsets"]["T+A"] == pytest.approx(0.15)
+    expected = {"0.1": {s: 0.3 for s in bench.FRACTION_SETTINGS}, "0.3": {s: 0.4 for s in bench.FRACTION_SETTINGS},
+                "1.0": {"direct": 0.3, "pretrain_finetune": 0.4, "pretrain_prompt": 0.45}}  # 1.0: the settings runs
+    assert set(result["label_fraction"]) == set(expected)
+    for fraction, uar in expected.items():
+        assert result["label_fraction"][fraction] == pytest.approx(uar)
+    json.dumps(result)  # learning.json is plain JSON
+    text = bench.table(result)
+    assert "pretrain_finetune" in text and "T+A+V" in text and "label fraction" in text

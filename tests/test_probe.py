@@ -1,0 +1,51 @@
+"""The probe setting: logistic regressions on pooled features find the modality that carries the class, and
+only that one, through the real finetune driver, records and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.config import FinetuneConfig
+from finetune.probe import pooled, token_bag
+from finetune.protocols import iemocap_folds
+from finetune.run import run_finetune, run_path
+from helpers import write_tiny_shards
+from memobert.config import load_config
+from memobert.schema import Utterance
+
+
+@pytest.fixture(scope="module")
+def audio_only_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real-schema labeled shards of the 10 IEMOCAP speakers where only the audio frames carry the class."""
+    speakers = [speaker for fold in iemocap_folds()[::2] for speaker in (fold.test, fold.val)]
+    return write_tiny_shards(tmp_path_factory.mktemp("probe") / "shards", 320, 4, seed=3, speakers=speakers,
+                             class_signal=1.5, signal_in="a")
+
+
+def test_pooled_features_and_the_token_bag() -> None:
+    frames = np.array([[1.0, 2.0], [3.0, 2.0]])
+    assert pooled(frames).tolist() == [2.0, 2.0, 1.0, 0.0, 1.0]  # mean, std, "has frames"
+    assert pooled(np.zeros((0, 2))).tolist() == [0.0] * 5
+    utts = [Utterance(key=k, meta={}, tokens=np.array(t), words=np.arange(len(t)), audio=np.zeros((0, 2)),
+                      visual=np.zeros((0, 2)), vprob=np.zeros((0, 2))) for k, t in (("a", [5, 7, 7, 9]), ("b", []))]
+    bag = token_bag(utts, 10).toarray()
+    assert np.allclose(bag[0], np.where(np.isin(np.arange(10), [5, 7, 9]), 1 / np.sqrt(3), 0)) and not bag[1].any()
+
+
+def test_the_probe_finds_the_modality_that_carries_the_class(tmp_path: Path, audio_only_shards: Path) -> None:
+    out = tmp_path / "probe"
+    cfg = load_config(FinetuneConfig, overrides=[f"data.shards={audio_only_shards}", "settings=probe", "seeds=[0]",
+                                                 f"out_dir={out}"])
+    md = run_finetune(cfg).read_text()
+    records = [json.loads(run_path(out, "probe", 0, fold).read_text()) for fold in range(1, 11)]
+    uar = {subset: np.mean([r["missing_modalities"][subset]["scores"]["uar"] for r in records]) for subset in "tav"}
+    fused = np.mean([r["scores"]["uar"] for r in records])
+    # Chance is 0.25 (4 balanced classes); 10 test speakers of 32 utterances each.
+    assert uar["a"] > 0.6 and fused > 0.5
+    assert uar["t"] < 0.4 and uar["v"] < 0.4
+    assert all(set(r["fitted"]["C"]) == {"tav", "ta", "tv", "av", "t", "a", "v"} for r in records)
+    assert "| Probe (logistic regression) | " in md and "Probe: a logistic regression per modality subset" in md
