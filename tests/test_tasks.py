@@ -106,6 +106,11 @@ def test_task_sampler_all_mode_and_disabled_tasks() -> None:
     ratios = {"wwmlm": 1.0, "spanmvfr": 0.0, "spanmvfckl": 1.0, "spanmafr": 0.0}
     drawn = {t for s in range(300) for t in TaskSampler(TaskConfig(ratios=ratios), seed=0).tasks_for_step(s)}
     assert drawn == {"wwmlm", "spanmvfckl"}
+    # A task missing from the ratios, or at ratio 0, does not run in "all" mode either.
+    partial = TaskSampler(TaskConfig(mode="all", ratios={"wwmlm": 1.0, "spanmafr": 0.0, "spanmvfr": 2.0}), seed=0)
+    assert partial.tasks_for_step(3) == ["wwmlm", "spanmvfr"]
+    with pytest.raises(ValueError, match="^no task has a positive ratio$"):
+        TaskSampler(TaskConfig(ratios={"wwmlm": 0.0}), seed=0)
 
 
 def test_a_training_micro_batch_reads_no_value_from_the_device() -> None:
