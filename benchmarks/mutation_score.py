@@ -50,8 +50,10 @@ def main() -> int:
     for path, pattern in SCOPE.items():
         results = file_results(args.mutants, path, pattern)
         killed = sum(status in KILLED for status in results.values())
+        timeouts = sum(status == "timeout" for status in results.values())
         survivors += [f"  {name}: {status}" for name, status in sorted(results.items()) if status not in KILLED]
-        print(f"{path:24s} {killed:4d}/{len(results):<4d} killed ({100 * killed / max(len(results), 1):.1f}%)")
+        print(f"{path:24s} {killed:4d}/{len(results):<4d} killed ({100 * killed / max(len(results), 1):.1f}%)"
+              + (f", {timeouts} of them by timeout" if timeouts else ""))
         total_killed, total = total_killed + killed, total + len(results)
     if survivors:
         print("not killed (`mutmut show NAME` prints the change):", *survivors, sep="\n")
