@@ -33,6 +33,7 @@ class ScriptedClassifier(torch.nn.Module):
         self.right_classes = right_classes
         self.weight = torch.nn.Parameter(torch.zeros(4))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.trained_on: list[list[int]] = []  # the labels of each training batch, in order
 
     def forward(self, batch: Batch) -> torch.Tensor:
         k = self.right_classes[int(self.step)]
@@ -40,6 +41,7 @@ class ScriptedClassifier(torch.nn.Module):
         return F.one_hot(pred, 4).float() + self.weight
 
     def loss(self, batch: Batch) -> torch.Tensor:
+        self.trained_on.append(batch.labels.tolist())
         self.step += 1
         return self.weight.sum() * 0 + self.step.float()
 
@@ -49,14 +51,16 @@ def _utt(key: str, speaker: str, label: int) -> Utterance:
                      audio=np.ones((4, 16)), visual=np.ones((3, 12)), vprob=np.full((3, 8), 1 / 8))
 
 
-def _select(right_classes: dict[int, int], steps: int, val_every: int, patience: int) -> tuple[list, int, ScriptedClassifier]:
+def _select(
+    right_classes: dict[int, int], steps: int, val_every: int, patience: int, seed: int = 0
+) -> tuple[list, int, ScriptedClassifier]:
     speakers = [*FOLD.train, FOLD.val, FOLD.test]
     utts = [_utt(f"{s}_{i}", s, i % 4) for s in speakers for i in range(8)]  # 64 training utterances: 4 batches
     cfg = load_config(FinetuneConfig, overrides=["train.batch_size=16", f"train.val_every={val_every}",
                                                  f"train.patience={patience}"])
     ctx = Context(utts, TextTokenizer(), {"text": 3, "audio": 16, "visual": 12}, None, torch.device("cpu"), False)
     model = ScriptedClassifier(right_classes)
-    history, selected = train_and_select(model, split_fold(utts, FOLD), cfg, 0, ctx, "test", Schedule(1.0, steps, 0))
+    history, selected = train_and_select(model, split_fold(utts, FOLD), cfg, seed, ctx, "test", Schedule(1.0, steps, 0))
     return history, selected, model
 
 
@@ -85,3 +89,14 @@ def test_validation_every_n_steps_and_after_the_last_with_the_mean_loss_and_lr_s
     assert [h["train_loss"] for h in history] == pytest.approx([(1 + 2 + 3) / 3, (4 + 5 + 6) / 3, 7.0])
     # The lr the validated step trained with: linear decay from 1.0 over 7 steps, no warm-up.
     assert [h["lr"] for h in history] == pytest.approx([5 / 7, 2 / 7, 1 / 7])
+
+
+def test_training_batches_are_a_seeded_shuffle_of_the_training_speakers() -> None:
+    def order(seed: int) -> list[list[int]]:
+        return _select({4: 1, 8: 1}, steps=8, val_every=4, patience=5, seed=seed)[2].trained_on
+
+    first = order(0)
+    assert first == order(0) and first != order(1)  # the seed decides the order, and only the seed
+    unshuffled = [[0, 1, 2, 3] * 4] * 4  # speaker order: every batch of 16 is two speakers' labels 0-3, 0-3
+    assert len(first) == 8 and first[:4] != unshuffled
+    assert sorted(sum(first[:4], [])) == [c for c in range(4) for _ in range(16)]  # a pass sees each utterance once
