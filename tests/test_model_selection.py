@@ -7,6 +7,8 @@ at validation it gets classes 0..k-1 right (UAR k/4) where k is scripted per ste
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -82,13 +84,22 @@ def test_patience_counts_validations_without_improvement_and_resets_on_one() -> 
     assert selected == 8 and int(model.step) == 8
 
 
-def test_validation_every_n_steps_and_after_the_last_with_the_mean_loss_and_lr_since_the_last() -> None:
+def test_validation_every_n_steps_and_after_the_last_with_the_mean_loss_and_lr_since_the_last(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="finetune.run")
     history, selected, _ = _select({3: 1, 6: 2, 7: 3}, steps=7, val_every=3, patience=5)
     assert [h["step"] for h in history] == [3, 6, 7] and selected == 7
     # Training loss at step s is s: the mean over the steps since the previous validation (equal batch sizes).
     assert [h["train_loss"] for h in history] == pytest.approx([(1 + 2 + 3) / 3, (4 + 5 + 6) / 3, 7.0])
     # The lr the validated step trained with: linear decay from 1.0 over 7 steps, no warm-up.
     assert [h["lr"] for h in history] == pytest.approx([5 / 7, 2 / 7, 1 / 7])
+    # What --log-level debug shows per validation.
+    assert [r.getMessage() for r in caplog.records if r.name == "finetune.run"] == [
+        "test step 3: lr 0.714, train loss 2.0000, validation UAR 0.2500",
+        "test step 6: lr 0.286, train loss 5.0000, validation UAR 0.5000",
+        "test step 7: lr 0.143, train loss 7.0000, validation UAR 0.7500",
+    ]
 
 
 def test_training_batches_are_a_seeded_shuffle_of_the_training_speakers() -> None:
