@@ -9,6 +9,7 @@ import torch
 
 from finetune.metrics import NOT_A_CLASS
 from finetune.prompt import PromptModel, Template, insert_template, label_word_scores, vocab_predictions
+from preprocessing.text import TextTokenizer
 from tests.test_model import MASK_ID, make_batch, tiny_model
 
 TEMPLATE = Template((1045, 2572, MASK_ID, 1012), 2, "after")  # "i am [MASK] ." in bert-base-uncased
@@ -84,3 +85,9 @@ def test_losses_are_cross_entropy_over_the_vocabulary_or_the_label_words(kind: s
     else:  # among the label words only
         expected = -(vocab[:, list(LABEL_IDS)].log_softmax(-1)[torch.arange(3), batch.labels]).mean()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_a_template_from_text_keeps_its_position_and_finds_its_mask(position: str) -> None:
+    template = Template.from_text("i am [MASK] .", TextTokenizer(), position)
+    assert template == Template(TEMPLATE.ids, 2, position)
