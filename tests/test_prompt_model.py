@@ -16,8 +16,9 @@ TEMPLATE = Template((1045, 2572, MASK_ID, 1012), 2, "after")  # "i am [MASK] ." 
 LABEL_IDS = (4963, 3407, 8699, 6517)  # anger, happy, neutral, sad
 
 
-def _prompt(loss: str = "vocab", scoring: str = "vocab", max_text_len: int = 20) -> PromptModel:
-    return PromptModel(tiny_model(), TEMPLATE, LABEL_IDS, max_text_len, loss=loss, scoring=scoring).eval()
+def _prompt(max_text_len: int = 20, **kinds: str) -> PromptModel:
+    """The prompt model; loss and scoring left out are PromptModel's defaults (the authors' vocab)."""
+    return PromptModel(tiny_model(), TEMPLATE, LABEL_IDS, max_text_len, **kinds).eval()
 
 
 def _batch():
@@ -52,7 +53,7 @@ def test_label_words_scoring_is_the_argmax_over_the_label_words() -> None:
 
 
 def test_vocab_scoring_names_no_class_unless_a_label_word_wins_the_vocabulary() -> None:
-    model, batch = _prompt(scoring="vocab"), _batch()
+    model, batch = _prompt(), _batch()  # the default scoring
     with torch.no_grad():
         winner = model.vocab_logits(batch).argmax(-1)
         expected = [LABEL_IDS.index(w) if w in LABEL_IDS else NOT_A_CLASS for w in winner.tolist()]
@@ -76,7 +77,7 @@ def test_verbaliser_on_hand_made_logits() -> None:
 
 @pytest.mark.parametrize("kind", ["vocab", "label_words"])
 def test_losses_are_cross_entropy_over_the_vocabulary_or_the_label_words(kind: str) -> None:
-    model, batch = _prompt(loss=kind), _batch()
+    model, batch = (_prompt() if kind == "vocab" else _prompt(loss=kind)), _batch()  # vocab: the default
     with torch.no_grad():
         vocab = model.vocab_logits(batch).double()
         loss = model.loss(batch).double()
