@@ -92,3 +92,9 @@ def test_losses_are_cross_entropy_over_the_vocabulary_or_the_label_words(kind: s
 def test_a_template_from_text_keeps_its_position_and_finds_its_mask(position: str) -> None:
     template = Template.from_text("i am [MASK] .", TextTokenizer(), position)
     assert template == Template(TEMPLATE.ids, 2, position)
+
+
+def test_the_prompt_model_adds_no_state_to_the_backbone() -> None:
+    model = _prompt()
+    assert set(model.state_dict()) == {f"backbone.{key}" for key in model.backbone.state_dict()}
+    assert model.label_ids.dtype == torch.long and model.label_ids.tolist() == list(LABEL_IDS)
