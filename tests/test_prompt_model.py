@@ -98,3 +98,11 @@ def test_the_prompt_model_adds_no_state_to_the_backbone() -> None:
     model = _prompt()
     assert set(model.state_dict()) == {f"backbone.{key}" for key in model.backbone.state_dict()}
     assert model.label_ids.dtype == torch.long and model.label_ids.tolist() == list(LABEL_IDS)
+
+
+def test_a_template_may_fill_max_text_len_but_not_exceed_it() -> None:
+    batch = _batch()
+    ids, mask, at = insert_template(batch.text_ids, batch.text_mask, TEMPLATE, max_text_len=4)
+    assert ids[:, 1:5].tolist() == [list(TEMPLATE.ids)] * 3 and at.tolist() == [3, 3, 3]  # no utterance token left
+    with pytest.raises(ValueError, match="^the template has 4 tokens, more than max_text_len 3$"):
+        insert_template(batch.text_ids, batch.text_mask, TEMPLATE, max_text_len=3)
