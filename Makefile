@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PINS := requirements/lock.txt requirements/nodeps.txt
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo clean-venv
+.PHONY: venv test test-fast demo clean-venv mutation
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,15 @@ test-fast: venv
 
 demo: venv
 	$(VENV)/bin/memobert demo
+
+# Mutation testing of the loss, masking, metric, protocol, prompt and selection code against the fast unit
+# tests ([tool.mutmut] in pyproject.toml); a fresh mutants/ each time, so no stale verdict is reused.
+mutation: venv
+	$(PY) -m pip install -q -r requirements/dev.txt
+	rm -rf mutants && mkdir mutants
+	$(VENV)/bin/mutmut run --max-children 2 $$($(PY) benchmarks/mutation_score.py --globs) > mutants/run.log 2>&1 \
+		|| { tail -40 mutants/run.log; exit 1; }
+	$(PY) benchmarks/mutation_score.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -116,3 +116,28 @@ def test_span_mask_reproducible_from_seed() -> None:
     assert torch.equal(span_mask(lengths, 0.2, 3, _gen(3)), span_mask(lengths, 0.2, 3, _gen(3)))
     draws = {tuple(span_mask(lengths, 0.2, 3, _gen(s)).flatten().tolist()) for s in range(5)}
     assert len(draws) > 1
+
+
+def test_whole_word_mask_of_one_word_utterances_masks_that_word() -> None:
+    text_ids = torch.tensor([[101, 2000, 2001, 102], [101, 3000, 102, 0]])
+    word_ids = torch.tensor([[-1, 0, 0, -1], [-1, 0, -1, -1]])
+    _, labels = whole_word_mask(text_ids, word_ids, 0.15, MASK_ID, RANDOM_IDS, torch.Generator().manual_seed(0))
+    assert labels.tolist() == [[IGNORE_INDEX, 2000, 2001, IGNORE_INDEX], [IGNORE_INDEX, 3000, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_span_mask_edge_shapes_and_the_authors_start_range() -> None:
+    gen = torch.Generator().manual_seed(0)
+    empty = span_mask(torch.zeros(0, dtype=torch.long), 0.15, 3, gen, max_len=4)
+    assert empty.shape == (0, 4) and empty.dtype == torch.bool
+    silent = span_mask(torch.zeros(2, dtype=torch.long), 0.15, 3, gen)
+    assert silent.shape == (2, 0) and silent.dtype == torch.bool
+    assert span_mask(torch.tensor([1]), 0.15, 3, gen).tolist() == [[True]]  # one sample, one frame: masked
+    # n = 5, span 3: starts from range(5 - 3 - 1) = {0}, one span (floor(5 * 0.8 / 3) = 1): frames 0-2.
+    assert span_mask(torch.tensor([5]), 0.8, 3, gen).tolist() == [[True, True, True, False, False]]
+    # n = 4: range(0) is empty, so no span however high the ratio: one random frame.
+    assert int(span_mask(torch.tensor([4]), 0.8, 3, gen).sum()) == 1
+
+
+def test_the_single_frame_of_a_short_clip_is_drawn_uniformly() -> None:
+    frames = [int(span_mask(torch.tensor([2]), 0.15, 3, torch.Generator().manual_seed(s)).long().argmax()) for s in range(40)]
+    assert set(frames) == {0, 1}

@@ -61,6 +61,23 @@ def minilm_path() -> str:
 # ---- packing ----------------------------------------------------------------------------------
 
 
+def test_pin_memory_pins_every_tensor_and_keeps_absent_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Page-locking needs CUDA, absent here: a recorded copy stands in for Tensor.pin_memory.
+    batch = make_batch([(3, 2, 4), (1, 5, 2)])
+    copies: dict[int, torch.Tensor] = {}
+
+    def fake_pin(self: torch.Tensor, device: object = None) -> torch.Tensor:
+        copies[id(self)] = self.clone()
+        return copies[id(self)]
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    pinned = batch.pin_memory()
+    assert isinstance(pinned, Batch) and pinned.labels is None and len(copies) == 8
+    for name in ("text_ids", "text_mask", "word_ids", "visual", "visual_mask", "vprob", "acoustic", "acoustic_mask"):
+        assert getattr(pinned, name) is copies[id(getattr(batch, name))]  # each field is its own pinned copy
+
+
+
 def test_compact_layout_packs_valid_positions_then_padding() -> None:
     text = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     visual = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)

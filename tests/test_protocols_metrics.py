@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
@@ -84,3 +86,34 @@ def test_aggregate_fold_mean_then_seed_mean_and_sample_std() -> None:
     four = aggregate({42: [0.80], 1234: [0.82], 4321: [0.78], 5678: [0.84]})
     assert four.std == pytest.approx(np.std([0.80, 0.82, 0.78, 0.84], ddof=1)) and four.std > np.std([0.80, 0.82, 0.78, 0.84])
     assert np.isnan(aggregate({42: [0.5, 0.7]}).std)  # one seed has no sample std
+
+
+@pytest.mark.parametrize("protocol, count", [("iemocap", 10), ("msp_improv", 12), ("msp_improv_11to1", 12)])
+def test_folds_are_numbered_from_one_and_found_by_their_protocol_name(protocol: str, count: int) -> None:
+    folds = folds_for(protocol)
+    assert [f.index for f in folds] == list(range(1, count + 1))  # run paths and tables use these numbers
+    assert folds == {"iemocap": iemocap_folds, "msp_improv": msp_improv_folds,
+                     "msp_improv_11to1": msp_improv_11to1_folds}[protocol]()
+    with pytest.raises(ValueError, match="known: iemocap, msp_improv, msp_improv_11to1"):
+        folds_for(protocol.upper())
+
+
+def test_scores_divide_by_no_zero_and_count_in_integers() -> None:
+    # Class 3 is never true and never predicted, class 2 is predicted but never right (precision + recall 0),
+    # class 1 has precision = recall = 1/2 (F1 1/2, so precision + recall is exactly 1).
+    y_true = [0, 0, 1, 1, 2]
+    y_pred = [0, 0, 1, 2, 1]
+    with np.errstate(all="raise"):  # a 0/0 anywhere would raise instead of being masked out
+        got = scores(y_true, y_pred, 4)
+    assert got["wa"] == pytest.approx(3 / 5) and got["uar"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert got["wf1"] == pytest.approx((2 * 1 + 2 * 0.5 + 0) / 5)
+    assert got["wf1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted", labels=range(4), zero_division=0))
+    matrix = confusion(y_true, y_pred, 4)
+    assert matrix.dtype == np.int64  # written to the run JSON: counts, not floats
+
+
+def test_one_seed_has_no_std_and_no_numpy_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # np.std(ddof=1) of one value warns "degrees of freedom <= 0"
+        summary = aggregate({42: [0.5, 0.7]})
+    assert summary.mean == pytest.approx(0.6) and np.isnan(summary.std)

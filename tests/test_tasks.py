@@ -106,6 +106,11 @@ def test_task_sampler_all_mode_and_disabled_tasks() -> None:
     ratios = {"wwmlm": 1.0, "spanmvfr": 0.0, "spanmvfckl": 1.0, "spanmafr": 0.0}
     drawn = {t for s in range(300) for t in TaskSampler(TaskConfig(ratios=ratios), seed=0).tasks_for_step(s)}
     assert drawn == {"wwmlm", "spanmvfckl"}
+    # A task missing from the ratios, or at ratio 0, does not run in "all" mode either.
+    partial = TaskSampler(TaskConfig(mode="all", ratios={"wwmlm": 1.0, "spanmafr": 0.0, "spanmvfr": 2.0}), seed=0)
+    assert partial.tasks_for_step(3) == ["wwmlm", "spanmvfr"]
+    with pytest.raises(ValueError, match="^no task has a positive ratio$"):
+        TaskSampler(TaskConfig(ratios={"wwmlm": 0.0}), seed=0)
 
 
 def test_a_training_micro_batch_reads_no_value_from_the_device() -> None:
@@ -161,13 +166,17 @@ def test_frame_targets_keep_the_shards_precision() -> None:
 
 
 PINNED_SHAPES = [(6, 12, 20), (4, 9, 15), (3, 7, 11)]
+# One sample, one word, two frames per modality: a single target per task (a mean over one, not max(n, 2)).
+ONE_TARGET = [(1, 2, 2)]
+SHAPES = pytest.mark.parametrize("shapes", [PINNED_SHAPES, ONE_TARGET], ids=["batch", "one_target"])
 
 
-def _pinned(name: str):
+def _pinned(name: str, shapes: list[tuple[int, int, int]] = PINNED_SHAPES):
     """The task's output on a fixed batch, and the (untouched) model, batch and a fresh copy of its generator."""
     model = tiny_model(seed=3)
-    batch = make_batch(PINNED_SHAPES, seed=11)
+    batch = make_batch(shapes, seed=11)
     out = _tasks()[name](model, stage(batch), torch.Generator().manual_seed(5))
+    assert shapes != ONE_TARGET or out.num_targets == 1
     return out, model, batch, torch.Generator().manual_seed(5)
 
 
@@ -176,11 +185,13 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
 
 
-def test_wwmlm_loss_is_cross_entropy_of_the_original_ids_per_masked_token() -> None:
-    out, model, batch, gen = _pinned("wwmlm")
+@SHAPES
+def test_wwmlm_loss_is_cross_entropy_of_the_original_ids_per_masked_token(shapes: list) -> None:
+    out, model, batch, gen = _pinned("wwmlm", shapes)
     ids, labels = whole_word_mask(batch.text_ids, batch.word_ids, 0.15, MASK_ID, RANDOM_IDS, gen)
     masked = labels != IGNORE_INDEX
-    assert (ids[masked] != batch.text_ids[masked]).any()  # the input really is corrupted at the targets
+    if shapes == PINNED_SHAPES:
+        assert (ids[masked] != batch.text_ids[masked]).any()  # the input really is corrupted at the targets
     with torch.no_grad():
         logits = model.cls(model(stage(batch).device, text_ids=ids).text)[masked].double().numpy()
     originals = batch.text_ids[masked].numpy()
@@ -190,8 +201,11 @@ def test_wwmlm_loss_is_cross_entropy_of_the_original_ids_per_masked_token() -> N
 
 
 @pytest.mark.parametrize(("name", "modality", "ratio"), [("spanmvfr", "visual", 0.2), ("spanmafr", "acoustic", 0.15)])
-def test_frame_regression_loss_is_the_mse_per_masked_frame_and_dimension(name: str, modality: str, ratio: float) -> None:
-    out, model, batch, gen = _pinned(name)
+@SHAPES
+def test_frame_regression_loss_is_the_mse_per_masked_frame_and_dimension(
+    name: str, modality: str, ratio: float, shapes: list
+) -> None:
+    out, model, batch, gen = _pinned(name, shapes)
     valid = getattr(batch, f"{modality}_mask")
     masked = span_mask(valid.sum(1), ratio, 3, gen, max_len=valid.shape[1])
     with torch.no_grad():
@@ -204,8 +218,9 @@ def test_frame_regression_loss_is_the_mse_per_masked_frame_and_dimension(name: s
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_spanmvfckl_loss_is_kl_target_to_prediction_per_masked_frame_and_class() -> None:
-    out, model, batch, gen = _pinned("spanmvfckl")
+@SHAPES
+def test_spanmvfckl_loss_is_kl_target_to_prediction_per_masked_frame_and_class(shapes: list) -> None:
+    out, model, batch, gen = _pinned("spanmvfckl", shapes)
     masked = span_mask(batch.visual_mask.sum(1), 0.2, 3, gen, max_len=batch.visual_mask.shape[1])
     with torch.no_grad():
         logits = model.fer_head(model(stage(batch).device, visual_masked=masked).visual[masked]).double().numpy()
@@ -216,6 +231,7 @@ def test_spanmvfckl_loss_is_kl_target_to_prediction_per_masked_frame_and_class()
     assert out.num_targets == target.shape[0] > 0
     assert out.loss.item() == pytest.approx(terms.mean(), rel=1e-6)  # / (frames x 8), the authors' training loss
     assert out.metrics["kl_sum"].item() == pytest.approx(terms.sum(), rel=1e-6)
+    assert out.metrics["correct"].item() == int((log_pred.argmax(1) == target.argmax(1)).sum())
 
 
 class _Recorder(torch.nn.Module):
