@@ -157,6 +157,9 @@ class TrainConfig:
     warmup_steps for those settings."""
 
     lr: float = 5e-5
+    # bert_direct's peak lr; null: `lr`, as the authors (one rate for every BERT-sized setting). For runs whose
+    # MEmoBERT is much smaller than the text BERT bert_direct starts from (the demo's tiny flavor beside MiniLM).
+    bert_lr: float | None = None
     batch_size: int = 32
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
@@ -171,6 +174,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         check(self.lr > 0, "lr", "must be positive")
+        check(self.bert_lr is None or self.bert_lr > 0, "bert_lr", "must be positive (or null: lr)")
         for key in ("batch_size", "steps", "direct_steps", "val_every", "patience"):
             check(getattr(self, key) > 0, key, "must be positive")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")

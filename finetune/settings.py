@@ -88,6 +88,8 @@ def schedule_for(setting: str, cfg: FinetuneConfig) -> Schedule:
         return Schedule(cfg.prompt.lr, train.steps, cfg.prompt.warmup_steps)
     if setting == "direct":
         return Schedule(train.lr, train.direct_steps, train.warmup_steps)
+    if setting == "bert_direct" and train.bert_lr is not None:
+        return Schedule(train.bert_lr, train.steps, train.warmup_steps)
     if setting in BASELINE_SETTINGS:  # trained from scratch at an Adam-range rate (mfn.lr)
         return Schedule(cfg.mfn.lr, train.steps, train.warmup_steps)
     return Schedule(train.lr, train.steps, train.warmup_steps)

@@ -413,6 +413,13 @@ def test_lr_schedules_warm_up_and_decay_linearly_to_zero() -> None:
     assert schedule_for("direct", cfg) == Schedule(5e-5, 2000, 0)
     assert schedule_for("pretrain_prompt", cfg) == Schedule(3e-5, 1500, 100)
     assert schedule_for("mfn", cfg) == schedule_for("m3er", cfg) == Schedule(1e-3, 1500, 0)
+    # train.bert_lr moves bert_direct alone (the demo's MiniLM beside a tiny MEmoBERT)
+    own = load_config(FinetuneConfig, overrides=["train.lr=2e-3", "train.bert_lr=1e-4"])
+    assert schedule_for("bert_direct", own) == Schedule(1e-4, 1500, 0)
+    assert schedule_for("pretrain_finetune", own) == Schedule(2e-3, 1500, 0)
+    assert schedule_for("direct", own) == Schedule(2e-3, 2000, 0)
+    with pytest.raises(ConfigError, match="bert_lr"):
+        load_config(FinetuneConfig, overrides=["train.bert_lr=0"])
     train = TrainConfig()
     assert (train.batch_size, train.betas, train.weight_decay, train.grad_clip) == (32, (0.9, 0.98), 0.01, 5.0)
     assert (train.val_every, train.patience) == (100, 5)
