@@ -159,3 +159,11 @@ def test_whole_word_mask_draw_boundaries(monkeypatch: pytest.MonkeyPatch) -> Non
     ids, labels = whole_word_mask(text_ids, word_ids, 0.5, MASK_ID, (999, 1000), _gen(0))  # random ids: 999 only
     assert labels.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 2001, 2002, 2003, IGNORE_INDEX]]
     assert ids.tolist() == [[101, 2000, 999, 2002, MASK_ID, 102]]
+
+
+def test_span_mask_follows_the_device_of_its_lengths() -> None:
+    # "meta" holds no values, so any tensor left on the generator's (CPU) device mixes devices and raises;
+    # the draws on the CPU generator are moved over (a CUDA batch with a CPU generator is the real case).
+    for lengths in (torch.tensor([0, 4, 30]), torch.zeros(0, dtype=torch.long)):
+        mask = span_mask(lengths.to("meta"), 0.2, 3, _gen(0), max_len=30)
+        assert mask.device.type == "meta" and mask.shape == (len(lengths), 30) and mask.dtype == torch.bool
