@@ -12,7 +12,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from memobert.schema import Utterance
-from pretrain.batch import Batch, collate, compact_layout, flat_positions
+from pretrain.batch import Batch, _upload, collate, compact_layout, flat_positions
 from pretrain.config import ModelConfig
 from pretrain.model import MEmoBERT
 
@@ -76,6 +76,42 @@ def test_pin_memory_pins_every_tensor_and_keeps_absent_labels(monkeypatch: pytes
     for name in ("text_ids", "text_mask", "word_ids", "visual", "visual_mask", "vprob", "acoustic", "acoustic_mask"):
         assert getattr(pinned, name) is copies[id(getattr(batch, name))]  # each field is its own pinned copy
 
+
+
+class _FakeTensor:
+    """Records the calls an upload makes: pinning and asynchronous copies need CUDA, absent here."""
+
+    def __init__(self, device: str, pinned: bool = False, calls: list | None = None) -> None:
+        self.device, self.pinned, self.calls = torch.device(device), pinned, [] if calls is None else calls
+
+    def is_pinned(self) -> bool:
+        return self.pinned
+
+    def pin_memory(self) -> "_FakeTensor":
+        self.calls.append("pin")
+        return _FakeTensor(self.device.type, True, self.calls)
+
+    def to(self, device: object, **kwargs: object) -> "_FakeTensor":
+        self.calls.append(("to", self.pinned, torch.device(device), kwargs))
+        return self
+
+
+def test_uploads_pin_pageable_host_tensors_and_copy_asynchronously() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    copy = {"non_blocking": True}
+    for device, pinned, target, expected in [
+        ("cpu", False, cuda, ["pin", ("to", True, cuda, copy)]),  # pageable: pinned first, or the copy syncs
+        ("cpu", True, cuda, [("to", True, cuda, copy)]),  # already pinned
+        ("cuda", False, cuda, [("to", False, cuda, copy)]),  # already on the device
+        ("cpu", False, cpu, [("to", False, cpu, copy)]),  # a CPU run pins nothing
+    ]:
+        tensor = _FakeTensor(device, pinned)
+        _upload(tensor, target)
+        assert tensor.calls == expected, (device, pinned, target)
+    calls: list = []
+    batch = Batch(*(_FakeTensor("cpu", True, calls) for _ in range(8)))
+    batch.to(cuda)
+    assert calls == [("to", True, cuda, copy)] * 8
 
 
 def test_collate_adds_cls_and_sep_pads_and_keeps_the_shards_dtypes() -> None:
