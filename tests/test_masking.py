@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from pretrain import masking
 from pretrain.masking import IGNORE_INDEX, span_mask, whole_word_mask
 from tests.test_model import MASK_ID, RANDOM_IDS, make_batch
 
@@ -141,3 +143,27 @@ def test_span_mask_edge_shapes_and_the_authors_start_range() -> None:
 def test_the_single_frame_of_a_short_clip_is_drawn_uniformly() -> None:
     frames = [int(span_mask(torch.tensor([2]), 0.15, 3, torch.Generator().manual_seed(s)).long().argmax()) for s in range(40)]
     assert set(frames) == {0, 1}
+
+
+def test_whole_word_mask_draw_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The three uniform draws set by hand, to pin the interval ends: a word is chosen when its draw is
+    # below prob (strictly); a chosen word becomes [MASK] on [0, 0.8), a random id on [0.8, 0.9), itself on [0.9, 1).
+    text_ids = torch.tensor([[101, 2000, 2001, 2002, 2003, 102]])
+    word_ids = torch.tensor([[-1, 0, 1, 2, 3, -1]])
+    draws = iter([
+        torch.tensor([[0.5, 0.0, 0.0, 0.0]]),  # choice: word 0 exactly at prob 0.5, so not chosen
+        torch.zeros(1, 4),  # the "at least one word" pick, unused here
+        torch.tensor([[0.0, 0.8, 0.9, 0.0]]),  # 80/10/10: word 1 exactly at 0.8, word 2 exactly at 0.9
+    ])
+    monkeypatch.setattr(masking, "_uniform", lambda shape, generator, device: next(draws))
+    ids, labels = whole_word_mask(text_ids, word_ids, 0.5, MASK_ID, (999, 1000), _gen(0))  # random ids: 999 only
+    assert labels.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 2001, 2002, 2003, IGNORE_INDEX]]
+    assert ids.tolist() == [[101, 2000, 999, 2002, MASK_ID, 102]]
+
+
+def test_span_mask_follows_the_device_of_its_lengths() -> None:
+    # "meta" holds no values, so any tensor left on the generator's (CPU) device mixes devices and raises;
+    # the draws on the CPU generator are moved over (a CUDA batch with a CPU generator is the real case).
+    for lengths in (torch.tensor([0, 4, 30]), torch.zeros(0, dtype=torch.long)):
+        mask = span_mask(lengths.to("meta"), 0.2, 3, _gen(0), max_len=30)
+        assert mask.device.type == "meta" and mask.shape == (len(lengths), 30) and mask.dtype == torch.bool

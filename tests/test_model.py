@@ -12,7 +12,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from memobert.schema import Utterance
-from pretrain.batch import Batch, collate, compact_layout, flat_positions
+from pretrain.batch import Batch, _upload, collate, compact_layout, flat_positions
 from pretrain.config import ModelConfig
 from pretrain.model import MEmoBERT
 
@@ -78,6 +78,60 @@ def test_pin_memory_pins_every_tensor_and_keeps_absent_labels(monkeypatch: pytes
 
 
 
+class _FakeTensor:
+    """Records the calls an upload makes: pinning and asynchronous copies need CUDA, absent here."""
+
+    def __init__(self, device: str, pinned: bool = False, calls: list | None = None) -> None:
+        self.device, self.pinned, self.calls = torch.device(device), pinned, [] if calls is None else calls
+
+    def is_pinned(self) -> bool:
+        return self.pinned
+
+    def pin_memory(self) -> "_FakeTensor":
+        self.calls.append("pin")
+        return _FakeTensor(self.device.type, True, self.calls)
+
+    def to(self, device: object, **kwargs: object) -> "_FakeTensor":
+        self.calls.append(("to", self.pinned, torch.device(device), kwargs))
+        return self
+
+
+def test_uploads_pin_pageable_host_tensors_and_copy_asynchronously() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    copy = {"non_blocking": True}
+    for device, pinned, target, expected in [
+        ("cpu", False, cuda, ["pin", ("to", True, cuda, copy)]),  # pageable: pinned first, or the copy syncs
+        ("cpu", True, cuda, [("to", True, cuda, copy)]),  # already pinned
+        ("cuda", False, cuda, [("to", False, cuda, copy)]),  # already on the device
+        ("cpu", False, cpu, [("to", False, cpu, copy)]),  # a CPU run pins nothing
+    ]:
+        tensor = _FakeTensor(device, pinned)
+        _upload(tensor, target)
+        assert tensor.calls == expected, (device, pinned, target)
+    calls: list = []
+    batch = Batch(*(_FakeTensor("cpu", True, calls) for _ in range(8)))
+    batch.to(cuda)
+    assert calls == [("to", True, cuda, copy)] * 8
+
+
+def test_collate_adds_cls_and_sep_pads_and_keeps_the_shards_dtypes() -> None:
+    frames = {"audio": np.ones((1, ACOUSTIC_DIM)), "visual": np.ones((1, VISUAL_DIM)), "vprob": np.full((1, 8), 0.125)}
+    none = {"audio": np.zeros((0, ACOUSTIC_DIM)), "visual": np.zeros((0, VISUAL_DIM)), "vprob": np.zeros((0, 8))}
+    batch = batch_of([
+        Utterance(key="a", meta={}, tokens=np.array([1000, 1001, 1002]), words=np.array([0, 0, 1]), **frames),
+        Utterance(key="b", meta={}, tokens=np.array([2000]), words=np.array([0]), **none),
+    ])
+    assert batch.text_ids.tolist() == [[CLS_ID, 1000, 1001, 1002, SEP_ID], [CLS_ID, 2000, SEP_ID, 0, 0]]
+    assert batch.word_ids.tolist() == [[-1, 0, 0, 1, -1], [-1, 0, -1, -1, -1]]
+    assert batch.text_mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert batch.text_ids.dtype == batch.word_ids.dtype == torch.long
+    # Frames padded to the longest clip (one frame: no extra column), float16 as the shards store them.
+    for feats, mask, dim in ((batch.visual, batch.visual_mask, VISUAL_DIM), (batch.vprob, batch.visual_mask, 8),
+                             (batch.acoustic, batch.acoustic_mask, ACOUSTIC_DIM)):
+        assert feats.shape == (2, 1, dim) and feats.dtype == torch.float16
+        assert mask.tolist() == [[True], [False]]
+
+
 def test_compact_layout_packs_valid_positions_then_padding() -> None:
     text = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     visual = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)
@@ -89,6 +143,8 @@ def test_compact_layout_packs_valid_positions_then_padding() -> None:
     assert valid.tolist() == [[True] * 5, [True] * 4 + [False]]
     assert t[0, :2].tolist() == [0, 1] and v[0, 0] == 2 and a[0].tolist() == [3, 4]
     assert t[1].tolist() == [0, 1, 2] and a[1, 0] == 3
+    # Padding positions point at packed position 0.
+    assert t[0, 2] == 0 and v[0, 1] == 0 and v[1].tolist() == [0, 0] and a[1, 1] == 0
 
 
 def test_forward_shapes() -> None:

@@ -198,6 +198,7 @@ def test_wwmlm_loss_is_cross_entropy_of_the_original_ids_per_masked_token(shapes
     expected = -_log_softmax(logits)[np.arange(len(originals)), originals].mean()
     assert out.num_targets == len(originals)
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.metrics["correct"].item() == int((logits.argmax(1) == originals).sum())
 
 
 @pytest.mark.parametrize(("name", "modality", "ratio"), [("spanmvfr", "visual", 0.2), ("spanmafr", "acoustic", 0.15)])
@@ -244,6 +245,11 @@ class _Recorder(torch.nn.Module):
     def forward(self, *args, **kwargs):
         self.calls.append(kwargs)
         return self.model(*args, **kwargs)
+
+
+def test_every_task_is_named_by_its_key() -> None:
+    # The Task protocol's `name`; the training loop keys tasks by the dict, so only this test reads it.
+    assert {key: task.name for key, task in _tasks().items()} == {name: name for name in TASKS}
 
 
 def test_each_task_masks_only_its_own_modality_with_its_own_ratio() -> None:
