@@ -24,12 +24,13 @@ def config_classes() -> dict[str, type]:
     from memobert.demo import DemoConfig
     from preprocessing.config import PreprocessConfig
     from preprocessing.synth.config import SynthConfig
+    from preprocessing.audio_pretrain import AudioPretrainConfig
     from preprocessing.fer import FerTrainConfig
     from pretrain.config import PretrainConfig
     from slurm.cluster import SlurmProfile
 
     return {"synth": SynthConfig, "demo": DemoConfig, "preprocess": PreprocessConfig, "train_fer": FerTrainConfig,
-            "pretrain": PretrainConfig, "finetune": FinetuneConfig, "slurm": SlurmProfile}
+            "train_audio": AudioPretrainConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig, "slurm": SlurmProfile}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +87,15 @@ def _cmd_train_fer(args: argparse.Namespace) -> None:
 
     report = train_fer(Path(args.fer2013), Path(args.ferplus), Path(args.out), config)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()))
+
+
+def _cmd_train_audio(args: argparse.Namespace) -> None:
+    from preprocessing.audio_pretrain import AudioPretrainConfig, train_audio_encoder
+
+    report = train_audio_encoder([Path(p) for p in args.input], Path(args.out), resolve_config(AudioPretrainConfig, args))
+    last = report["history"][-1]
+    print(f"{args.out}: contrastive loss {last['contrastive']:.3f} (chance {report['chance_contrastive_loss']:.3f}) "
+          f"after {last['step']} steps on {report['audio_seconds']} s of audio; skipped {len(report['skipped'])} files")
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
@@ -259,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_fer.add_argument("--out", required=True, help="checkpoint file to write")
     _add_config_args(train_fer)
     train_fer.set_defaults(func=_cmd_train_fer)
+
+    train_audio = sub.add_parser("train-audio", help="self-supervised wav2vec 2.0 training of an audio encoder on unlabeled audio")
+    train_audio.add_argument("--input", required=True, action="append", help="a folder of videos / audio files, or a file (repeatable)")
+    train_audio.add_argument("--out", required=True, help="HF model folder to write (audio.weights of preprocess)")
+    _add_config_args(train_audio)
+    train_audio.set_defaults(func=_cmd_train_audio)
 
     pretrain = sub.add_parser("pretrain", help="MEmoBERT pretraining under DeepSpeed (single process, torchrun or deepspeed)")
     # The deepspeed launcher appends --local_rank; the rank is read from the environment instead.

@@ -68,6 +68,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_audio(path: str | Path, sample_rate: int = 16_000) -> np.ndarray:
+    """A file's audio as float32 mono at `sample_rate`: audio files through soundfile, anything else as a video
+    through decord's bundled FFmpeg. Raises ValueError naming the file when there is no decodable audio."""
+    from preprocessing.adapters import AUDIO_SUFFIXES
+
+    if Path(path).suffix.lower() in AUDIO_SUFFIXES:
+        import soundfile
+
+        try:
+            wave, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError) as err:
+            raise ValueError(f"{path}: no decodable audio ({err})") from err
+        wave = wave.mean(1)
+        if rate != sample_rate:
+            import torchaudio
+
+            wave = torchaudio.functional.resample(torch.from_numpy(wave), rate, sample_rate).numpy()
+        return wave
+    import decord
+
+    try:
+        return decord.AudioReader(str(path), sample_rate=sample_rate, mono=True)[:].asnumpy()[0].astype(np.float32)
+    except (decord.DECORDError, RuntimeError, IndexError) as err:
+        raise ValueError(f"{path}: no decodable audio stream ({err})") from err
+
+
 def pool_frames(frames: Tensor, pool: int) -> Tensor:
     """Mean of each `pool` consecutive frames [T, D] -> [ceil(T / pool), D]; a trailing partial group averages what it has."""
     count, dim = frames.shape
@@ -130,7 +156,7 @@ class _TransformersBackend:
         from transformers import Wav2Vec2Config, Wav2Vec2Model
 
         if weights is None:
-            self.model = Wav2Vec2Model(_hf_config(ARCHS[arch], Wav2Vec2Config))
+            self.model = Wav2Vec2Model(hf_config(ARCHS[arch], Wav2Vec2Config))
             self.normalize, self.weights_file = False, None
         else:
             folder = Path(weights)
@@ -156,7 +182,8 @@ class _TransformersBackend:
         return out.last_hidden_state if last else out.hidden_states[layer]
 
 
-def _hf_config(shape: Wav2Vec2Shape, config_cls: type) -> Any:
+def hf_config(shape: Wav2Vec2Shape, config_cls: type) -> Any:
+    """A transformers Wav2Vec2Config (`config_cls`) of `shape`."""
     channels, kernels, strides = zip(*shape.convs)
     return config_cls(
         hidden_size=shape.dim, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,

@@ -138,34 +138,24 @@ def process_unit(unit: Unit, root: str, cfg: PreprocessConfig, audio_actor: Any,
 
 
 class _AudioTrack:
-    """A video's audio track at 16 kHz mono, decoded once (decord's bundled FFmpeg)."""
+    """A video's audio track at 16 kHz mono, decoded once."""
 
     def __init__(self, video: str) -> None:
-        import decord
+        from preprocessing.audio_encoder import load_audio
 
-        try:
-            reader = decord.AudioReader(video, sample_rate=SAMPLE_RATE, mono=True)
-            self.samples = reader[:].asnumpy()[0].astype(np.float32)
-        except (decord.DECORDError, RuntimeError, IndexError) as err:
-            raise ValueError(f"{video}: no decodable audio stream ({err})") from err
+        self.samples = load_audio(video, SAMPLE_RATE)
 
     def cut(self, start: float, end: float) -> np.ndarray:
         return self.samples[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
 
 
 def _read_audio(seg: Segment, track: _AudioTrack | None, max_seconds: float) -> np.ndarray:
+    from preprocessing.audio_encoder import load_audio
+
     end = min(seg.end, seg.start + max_seconds)  # the recipe clips audio at 10 s
     if seg.audio_path is None:
         return track.cut(seg.start, end)
-    import soundfile
-
-    wave, rate = soundfile.read(seg.audio_path, dtype="float32", always_2d=True)
-    wave = wave.mean(1)
-    if rate != SAMPLE_RATE:
-        import torch
-        import torchaudio
-
-        wave = torchaudio.functional.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
+    wave = load_audio(seg.audio_path, SAMPLE_RATE)
     # A labeled segment with its own file holds exactly the utterance; start/end index into it otherwise.
     offset = 0.0 if seg.video else seg.start
     return wave[int(offset * SAMPLE_RATE) : int((offset + end - seg.start) * SAMPLE_RATE)]
