@@ -27,6 +27,8 @@ class DemoConfig:
     # Face tracks at 5 fps instead of the recipe's 10 halve the demo's dominant cost (MTCNN on CPU).
     face_fps: float = 5.0
     pretrain_steps: int = 200
+    # Self-supervised steps of the tiny wav2vec2 on the movies' audio: a random one keeps little of the prosody.
+    audio_steps: int = 1000
 
 
 def _stage(title: str, command: str) -> float:
@@ -44,6 +46,7 @@ def run_demo(config: DemoConfig) -> None:
     """Generate the corpus, then run each stage on it, printing what each wrote and where."""
     from finetune.config import FinetuneConfig
     from finetune.run import run_finetune
+    from preprocessing.audio_pretrain import AudioPretrainConfig, train_audio_encoder
     from preprocessing.config import PreprocessConfig
     from preprocessing.fer import FerTrainConfig, train_fer
     from preprocessing.pipeline import preprocess
@@ -70,18 +73,28 @@ def run_demo(config: DemoConfig) -> None:
         print("   " + " ".join(f"{k}={v:.3f}" for k, v in report.items() if isinstance(v, float)))
     _done(start, fer_ckpt)
 
+    w2v = work / "wav2vec2_ssl"
+    start = _stage("3. audio encoder: wav2vec 2.0 trained self-supervised on the movies' audio",
+                   f"memobert train-audio --input {corpus / 'movies'} --out {w2v} steps={config.audio_steps}")
+    if not (w2v / "config.json").is_file():
+        report = train_audio_encoder([corpus / "movies"], w2v, AudioPretrainConfig(steps=config.audio_steps))
+        last = report["history"][-1]
+        print(f"   contrastive loss {last['contrastive']:.3f} (chance {report['chance_contrastive_loss']:.3f})")
+    _done(start, w2v)
+
     tiny = CONFIGS / "preprocess/tiny_cpu.yaml"
     shards = {"movies": work / "shards/movies", "iemocap": work / "shards/iemocap"}
     for name, source, extra in (("movies", corpus / "movies", []), ("iemocap", corpus / "iemocap", [CONFIGS / "preprocess/labeled.yaml"])):
-        start = _stage(f"3. preprocess {name} on Ray (resumable: reruns skip finished videos)",
-                       f"memobert preprocess --input {source} --out {shards[name]} --config {tiny}")
-        cfg = load_config(PreprocessConfig, [tiny, *extra], [f"visual.weights={fer_ckpt}", f"face.fps={config.face_fps}"])
+        start = _stage(f"4. preprocess {name} on Ray (resumable: reruns skip finished videos)",
+                       f"memobert preprocess --input {source} --out {shards[name]} --config {tiny} audio.weights={w2v} ...")
+        cfg = load_config(PreprocessConfig, [tiny, *extra],
+                          [f"visual.weights={fer_ckpt}", f"audio.weights={w2v}", f"face.fps={config.face_fps}"])
         manifest = preprocess(source, shards[name], cfg)
         print(f"   {manifest.num_samples} utterances, dims {manifest.dims}")
         _done(start, shards[name])
 
     run = work / "pretrain"
-    start = _stage("4. pretrain MEmoBERT (tiny flavor, DeepSpeed, four tasks)",
+    start = _stage("5. pretrain MEmoBERT (tiny flavor, DeepSpeed, four tasks)",
                    f"memobert pretrain --config configs/pretrain/cpu_tiny.yaml data.train_shards={shards['movies']} ...")
     dims = manifest.dims  # the same tiny encoders wrote both shard sets
     pretrain_cfg = load_config(PretrainConfig, [CONFIGS / "pretrain/cpu_tiny.yaml"], [
@@ -95,7 +108,7 @@ def run_demo(config: DemoConfig) -> None:
     _done(start, run / "metrics.jsonl", model_dir)
 
     demo_yaml = CONFIGS / "finetune/demo_cpu.yaml"
-    start = _stage("5. finetune the four settings and the MFN / M3ER baselines on the IEMOCAP layout (2 of 10 folds, one seed)",
+    start = _stage("6. finetune the four settings and the MFN / M3ER baselines on the IEMOCAP layout (2 of 10 folds, one seed)",
                    f"memobert finetune --data {shards['iemocap']} --protocol iemocap --checkpoint {model_dir} --config {demo_yaml}")
     finetune_cfg = load_config(FinetuneConfig, [demo_yaml], [
         f"data.shards={shards['iemocap']}", "data.protocol=iemocap", f"checkpoint={model_dir}",
