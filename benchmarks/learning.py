@@ -18,7 +18,7 @@ Every score is finetune's: mean over folds per seed, then mean over seeds. A tab
 
     PYTHONPATH=. .venv/bin/python benchmarks/learning.py --seed 7 --scale small --out runs/learning
         [--seeds "[42]"] [--folds "[1,4,5,8,9]"] [--settings direct,...] [--pretrain-steps 200] [--fer-epochs 6]
-        [--audio-steps 1000] [--face-fps 5] [FINETUNE_KEY=VALUE ...]
+        [--audio-steps 1000] [--pretrain-override KEY=VALUE ...] [--face-fps 5] [FINETUNE_KEY=VALUE ...]
 
 Stages already done under OUT are reused (corpus, FER checkpoint, audio encoder, shards, pretraining run, finetune runs), so an
 interrupted run continues; `seconds` then times only what this invocation did.
@@ -250,7 +250,8 @@ class Stages:
                 train(load_config(PretrainConfig, [CONFIGS / "pretrain/cpu_tiny.yaml"], [
                     f"data.train_shards={shards['movies']}", f"data.val_shards={shards['iemocap']}",
                     f"model.acoustic_dim={dims['audio']}", f"model.visual_dim={dims['visual']}", f"train.out_dir={run}",
-                    f"train.steps={steps}", f"train.val_every={steps}", f"train.ckpt_every={steps}"]))
+                    f"train.steps={steps}", f"train.val_every={steps}", f"train.ckpt_every={steps}",
+                    *self.args.pretrain_override]))
         with self.timed("export"):
             if not (model / "config.json").is_file():
                 export(run, model)
@@ -281,6 +282,8 @@ def main() -> None:
     parser.add_argument("--folds", default="[1,4,5,8,9]", help="IEMOCAP folds, e.g. [1,2]; [] = all 10")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="the settings table's settings (comma-separated)")
     parser.add_argument("--pretrain-steps", type=int, default=200)
+    parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="pretraining config override (repeatable), e.g. model.init_from=FOLDER optim.lr=5e-5")
     parser.add_argument("--fer-epochs", type=int, default=6)
     parser.add_argument("--audio-steps", type=int, default=1000,
                         help="self-supervised steps of the tiny wav2vec2 on the movies' audio; 0: random init")
@@ -304,6 +307,7 @@ def main() -> None:
                  for f in FRACTIONS if f != "1.0"}
     run = {"seeds": sorted({r["seed"] for r in records}), "folds": sorted({r["fold"] for r in records}),
            "scale": args.scale, "generator_seed": args.seed, "pretrain_steps": args.pretrain_steps,
+           "pretrain_overrides": args.pretrain_override,
            "audio_steps": args.audio_steps,
            "finetune_overrides": args.overrides, "seconds": stages.seconds}
     result = assemble(labeled_ceilings(corpus, utts), asd_accuracy(corpus, utts), probe, records, fractions, run)
