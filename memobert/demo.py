@@ -26,7 +26,9 @@ class DemoConfig:
     fer_epochs: int = 6
     # Face tracks at 5 fps instead of the recipe's 10 halve the demo's dominant cost (MTCNN on CPU).
     face_fps: float = 5.0
-    pretrain_steps: int = 200
+    # ~125 passes over the ~190 movie cues at batch 16, as the recipe's 40K x 640 are ~128 passes over its ~200K
+    # segments (200 steps, 17 passes, left Pretrain+Finetune below Direct: docs/benchmarks.md). ~2 minutes.
+    pretrain_steps: int = 1500
     # Self-supervised steps of the tiny wav2vec2 on the movies' audio: a random one keeps little of the prosody.
     audio_steps: int = 1000
 
