@@ -1,8 +1,9 @@
 """Learning benchmark: does emotion signal survive each stage, and does pretraining help? Against known ceilings.
 
 For one generator seed and scale, in one run: the synthetic corpus (movies, IEMOCAP layout, FER+), the visual
-encoder trained on its FER+ part, the audio encoder trained self-supervised on the movies' audio, preprocessing of the movies (pretraining data) and of the IEMOCAP layout
-(labeled), pretraining and export, then finetuning on the labeled shards. Writes OUT/learning.json:
+encoder trained on its FER+ part, the audio encoder trained self-supervised on the movies' audio, preprocessing
+of the movies (pretraining data) and of the IEMOCAP layout (labeled), pretraining and export, then finetuning
+on the labeled shards. Writes OUT/learning.json:
 
   ceilings        the Bayes-optimal classifier's accuracy and UAR on the labeled utterances actually drawn,
                   from the generator's ground truth: per modality (its cue alone) and fused (all three cues),
@@ -20,8 +21,8 @@ Every score is finetune's: mean over folds per seed, then mean over seeds. A tab
         [--seeds "[42]"] [--folds "[1,4,5,8,9]"] [--settings direct,...] [--pretrain-steps 1500] [--fer-epochs 6]
         [--audio-steps 1000] [--pretrain-override KEY=VALUE ...] [--face-fps 5] [FINETUNE_KEY=VALUE ...]
 
-Stages already done under OUT are reused (corpus, FER checkpoint, audio encoder, shards, pretraining run, finetune runs), so an
-interrupted run continues; `seconds` then times only what this invocation did.
+Stages already done under OUT are reused (corpus, FER checkpoint, audio encoder, shards, pretraining run,
+finetune runs), so an interrupted run continues; `seconds` then times only what this invocation did.
 """
 
 from __future__ import annotations
@@ -205,7 +206,6 @@ class Stages:
 
     def audio_encoder(self, corpus: Path) -> Path | None:
         """The demo's tiny wav2vec2 after self-supervised training on the movies' audio (None: random init)."""
-        from memobert.config import load_config
         from preprocessing.audio_pretrain import AudioPretrainConfig, train_audio_encoder
 
         if self.args.audio_steps == 0:
@@ -213,8 +213,7 @@ class Stages:
         folder = self.out / "wav2vec2_ssl"
         with self.timed("train_audio"):
             if not (folder / "config.json").is_file():
-                train_audio_encoder([corpus / "movies"], folder,
-                                    load_config(AudioPretrainConfig, [], [f"steps={self.args.audio_steps}"]))
+                train_audio_encoder([corpus / "movies"], folder, AudioPretrainConfig(steps=self.args.audio_steps))
         return folder
 
     def shards(self, corpus: Path, fer: Path, audio: Path | None) -> dict[str, Path]:

@@ -90,12 +90,10 @@ def _cmd_train_fer(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_audio(args: argparse.Namespace) -> None:
-    from preprocessing.audio_pretrain import AudioPretrainConfig, train_audio_encoder
+    from preprocessing.audio_pretrain import AudioPretrainConfig, summary, train_audio_encoder
 
     report = train_audio_encoder([Path(p) for p in args.input], Path(args.out), resolve_config(AudioPretrainConfig, args))
-    last = report["history"][-1]
-    print(f"{args.out}: contrastive loss {last['contrastive']:.3f} (chance {report['chance_contrastive_loss']:.3f}) "
-          f"after {last['step']} steps on {report['audio_seconds']} s of audio; skipped {len(report['skipped'])} files")
+    print(f"{args.out}: {summary(report)}")
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:

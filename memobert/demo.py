@@ -48,7 +48,7 @@ def run_demo(config: DemoConfig) -> None:
     """Generate the corpus, then run each stage on it, printing what each wrote and where."""
     from finetune.config import FinetuneConfig
     from finetune.run import run_finetune
-    from preprocessing.audio_pretrain import AudioPretrainConfig, train_audio_encoder
+    from preprocessing.audio_pretrain import AudioPretrainConfig, summary, train_audio_encoder
     from preprocessing.config import PreprocessConfig
     from preprocessing.fer import FerTrainConfig, train_fer
     from preprocessing.pipeline import preprocess
@@ -79,9 +79,7 @@ def run_demo(config: DemoConfig) -> None:
     start = _stage("3. audio encoder: wav2vec 2.0 trained self-supervised on the movies' audio",
                    f"memobert train-audio --input {corpus / 'movies'} --out {w2v} steps={config.audio_steps}")
     if not (w2v / "config.json").is_file():
-        report = train_audio_encoder([corpus / "movies"], w2v, AudioPretrainConfig(steps=config.audio_steps))
-        last = report["history"][-1]
-        print(f"   contrastive loss {last['contrastive']:.3f} (chance {report['chance_contrastive_loss']:.3f})")
+        print("   " + summary(train_audio_encoder([corpus / "movies"], w2v, AudioPretrainConfig(steps=config.audio_steps))))
     _done(start, w2v)
 
     tiny = CONFIGS / "preprocess/tiny_cpu.yaml"

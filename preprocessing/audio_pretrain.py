@@ -167,6 +167,13 @@ def build_model(cfg: AudioPretrainConfig) -> Any:
     return Wav2Vec2ForPreTraining(config)
 
 
+def summary(report: dict[str, Any]) -> str:
+    """One line of a report: the last contrastive loss against chance, the steps, the audio, the skipped files."""
+    last = report["history"][-1]
+    return (f"contrastive loss {last['contrastive']:.3f} (chance {report['chance_contrastive_loss']:.3f}) after "
+            f"{last['step']} steps on {report['audio_seconds']} s of audio; skipped {len(report['skipped'])} files")
+
+
 def train_audio_encoder(inputs: list[Path], out: Path, cfg: AudioPretrainConfig) -> dict[str, Any]:
     """Train on the audio under `inputs`, save the encoder as an HF Wav2Vec2Model folder `out`; returns the report."""
     cfg.validate()
