@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from memobert.demo import DemoConfig
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 MODALITIES = {"text": "text_class", "audio": "audio_class", "visual": "face_class"}
@@ -280,15 +282,15 @@ def main() -> None:
     # One test speaker per session, both genders: the 45-minute budget on 2 cores holds five folds, not ten.
     parser.add_argument("--folds", default="[1,4,5,8,9]", help="IEMOCAP folds, e.g. [1,2]; [] = all 10")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="the settings table's settings (comma-separated)")
-    # The demo's: ~125 passes over its movie cues, as the recipe's 40K x 640 are ~128 over ~200K segments.
-    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    # The stage budgets default to the demo's (memobert/demo.py says why each is what it is).
+    demo = DemoConfig()
+    parser.add_argument("--pretrain-steps", type=int, default=demo.pretrain_steps)
     parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
                         help="pretraining config override (repeatable), e.g. model.init_from=FOLDER optim.lr=5e-5")
-    # The demo's: 6 epochs left the visual probe 17 points lower (docs/benchmarks.md).
-    parser.add_argument("--fer-epochs", type=int, default=15)
-    parser.add_argument("--audio-steps", type=int, default=1000,
+    parser.add_argument("--fer-epochs", type=int, default=demo.fer_epochs)
+    parser.add_argument("--audio-steps", type=int, default=demo.audio_steps,
                         help="self-supervised steps of the tiny wav2vec2 on the movies' audio; 0: random init")
-    parser.add_argument("--face-fps", type=float, default=5.0)
+    parser.add_argument("--face-fps", type=float, default=demo.face_fps)
     parser.add_argument("overrides", nargs="*", help="finetune config overrides (KEY=VALUE) for every finetune run")
     args = parser.parse_args()
 
