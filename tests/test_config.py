@@ -97,6 +97,8 @@ def test_base_flavor_needs_init_from_or_an_explicit_none(tmp_path: Path) -> None
             load_config(PretrainConfig, overrides=overrides)
     assert load_config(PretrainConfig, overrides=["model.init_from=none"]).model.text_bert is None
     assert load_config(PretrainConfig, overrides=["model.init_from=bert"]).model.text_bert == "bert"
+    bundled = Path(load_config(PretrainConfig, overrides=["model.init_from=bundled"]).model.text_bert)
+    assert (bundled / "config.json").is_file() and (bundled / "vocab.txt").is_file()  # the offline MiniLM folder
     assert load_config(PretrainConfig, overrides=["model.flavor=debug"]).model.text_bert is None  # small flavors may start random
     spelled = tmp_path / "random.yaml"
     spelled.write_text("model:\n  init_from: none\n")  # YAML reads none as a string, null as unset

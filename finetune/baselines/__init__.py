@@ -7,10 +7,10 @@ from torch import nn
 from finetune.baselines.inputs import load_word_embeddings
 from finetune.baselines.m3er import M3ER
 from finetune.baselines.mfn import MFN
-from finetune.config import FinetuneConfig, text_bert_folder
+from finetune.config import FinetuneConfig
 from finetune.protocols import CLASSES
 from memobert.config import ConfigError
-from preprocessing.text import TextTokenizer
+from preprocessing.text import TextTokenizer, text_bert_folder
 
 
 def build_baseline(setting: str, cfg: FinetuneConfig, dims: dict[str, int], tokenizer: TextTokenizer) -> nn.Module:
