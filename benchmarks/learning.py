@@ -14,11 +14,12 @@ on the labeled shards. Writes OUT/learning.json:
   probe_uar       the probe setting's text / audio / visual UAR (logistic regressions on pooled shard features)
   settings        per setting: fused uar and wa, and subsets (UAR per modality subset, "T" ... "T+A+V")
   label_fraction  {"0.1" | "0.3" | "1.0": {setting: fused uar}} for direct, pretrain_finetune, pretrain_prompt
-  seeds, folds, scale, generator_seed, seconds (per stage), and the configs' overrides
+  seeds, fraction_seeds, folds, scale, generator_seed, seconds (per stage), and the configs' overrides
 Every score is finetune's: mean over folds per seed, then mean over seeds. A table is printed at the end.
 
     PYTHONPATH=. .venv/bin/python benchmarks/learning.py --seed 7 --scale small --out runs/learning
-        [--seeds "[42]"] [--folds "[1,4,5,8,9]"] [--settings direct,...] [--pretrain-steps 1500] [--fer-epochs 15]
+        [--seeds "[42]"] [--fraction-seeds "[42,43,44,45,46]"] [--folds "[1,4,5,8,9]"] [--settings direct,...]
+        [--pretrain-steps 1500] [--fer-epochs 15]
         [--audio-steps 1000] [--pretrain-override KEY=VALUE ...] [--face-fps 5] [FINETUNE_KEY=VALUE ...]
 
 Stages already done under OUT are reused (corpus, FER checkpoint, audio encoder, shards, pretraining run,
@@ -162,7 +163,8 @@ def table(result: dict[str, Any]) -> str:
              f"{'setting':<18}" + "".join(f"{name:>8}" for name in SUBSETS) + f"{'WA':>8}"]
     for setting, s in result["settings"].items():
         lines.append(f"{setting:<18}" + "".join(f"{pct(s['subsets'][n]):>8}" for n in SUBSETS) + f"{pct(s['wa']):>8}")
-    lines += ["", f"{'label fraction':<18}" + "".join(f"{f:>8}" for f in FRACTIONS)]
+    lines += ["", f"{'label fraction':<18}" + "".join(f"{f:>8}" for f in FRACTIONS)
+              + f"   (0.1 and 0.3: seeds {result['fraction_seeds']})"]
     for setting in FRACTION_SETTINGS:
         row = [result["label_fraction"][f].get(setting) for f in FRACTIONS]
         lines.append(f"{setting:<18}" + "".join(f"{pct(v) if v is not None else '-':>8}" for v in row))
@@ -258,14 +260,15 @@ class Stages:
                 export(run, model)
         return model
 
-    def finetune(self, name: str, shards: Path, model: Path, settings: Sequence[str], fraction: str) -> list[dict]:
+    def finetune(self, name: str, shards: Path, model: Path, settings: Sequence[str], fraction: str,
+                 seeds: str) -> list[dict]:
         from finetune.config import FinetuneConfig
         from finetune.run import run_finetune, run_path
         from memobert.config import load_config
 
         cfg = load_config(FinetuneConfig, [CONFIGS / "finetune/demo_cpu.yaml"], [
             f"data.shards={shards}", "data.protocol=iemocap", f"checkpoint={model}", f"out_dir={self.out / name}",
-            f"settings={','.join(settings)}", f"seeds={self.args.seeds}", f"folds={self.args.folds}",
+            f"settings={','.join(settings)}", f"seeds={seeds}", f"folds={self.args.folds}",
             f"data.label_fraction={fraction}", *self.args.overrides])
         with self.timed(name):
             run_finetune(cfg)
@@ -273,12 +276,16 @@ class Stages:
                 for s in cfg.settings for seed in cfg.seeds for f in cfg.fold_numbers]
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, required=True, help="the generator's seed (not one the tests use)")
     parser.add_argument("--scale", default="small", choices=("tiny", "small", "medium"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", default="[42]", help="finetuning seeds, e.g. [42,1234]")
+    # At 10% labels a fold trains on ~37 utterances: one seed's five-fold mean moves by ~3 UAR points between
+    # seeds, and these runs are cheap (~2 minutes a seed on 2 cores, where the full table's are ~20).
+    parser.add_argument("--fraction-seeds", default=None,
+                        help="finetuning seeds of the 0.1 and 0.3 label-fraction runs (default: --seeds)")
     # One test speaker per session, both genders: the 45-minute budget on 2 cores holds five folds, not ten.
     parser.add_argument("--folds", default="[1,4,5,8,9]", help="IEMOCAP folds, e.g. [1,2]; [] = all 10")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="the settings table's settings (comma-separated)")
@@ -286,14 +293,19 @@ def main() -> None:
     demo = DemoConfig()
     parser.add_argument("--pretrain-steps", type=int, default=demo.pretrain_steps)
     parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="pretraining config override (repeatable), e.g. model.init_from=FOLDER optim.lr=5e-5")
+                        help="pretraining config override (repeatable), e.g. model.init_from=bundled optim.lr=5e-5")
     parser.add_argument("--fer-epochs", type=int, default=demo.fer_epochs)
     parser.add_argument("--audio-steps", type=int, default=demo.audio_steps,
                         help="self-supervised steps of the tiny wav2vec2 on the movies' audio; 0: random init")
     parser.add_argument("--face-fps", type=float, default=demo.face_fps)
     parser.add_argument("overrides", nargs="*", help="finetune config overrides (KEY=VALUE) for every finetune run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.fraction_seeds = args.fraction_seeds or args.seeds
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     from finetune.data import load_utterances
     from finetune.config import DataConfig
 
@@ -304,11 +316,13 @@ def main() -> None:
     model = stages.pretrained(shards)
     utts = load_utterances(str(shards["iemocap"]), DataConfig())
     print(f"labeled utterances: {len(utts)}, per class {dict(sorted(Counter(u.meta['label'] for u in utts).items()))}")
-    records = stages.finetune("finetune", shards["iemocap"], model, args.settings.split(","), "1.0")
-    probe = stages.finetune("probe", shards["iemocap"], model, ["probe"], "1.0")
-    fractions = {f: stages.finetune(f"fraction_{f}", shards["iemocap"], model, FRACTION_SETTINGS, f)
-                 for f in FRACTIONS if f != "1.0"}
-    run = {"seeds": sorted({r["seed"] for r in records}), "folds": sorted({r["fold"] for r in records}),
+    records = stages.finetune("finetune", shards["iemocap"], model, args.settings.split(","), "1.0", args.seeds)
+    probe = stages.finetune("probe", shards["iemocap"], model, ["probe"], "1.0", args.seeds)
+    fractions = {f: stages.finetune(f"fraction_{f}", shards["iemocap"], model, FRACTION_SETTINGS, f,
+                                    args.fraction_seeds) for f in FRACTIONS if f != "1.0"}
+    run = {"seeds": sorted({r["seed"] for r in records}),
+           "fraction_seeds": sorted({r["seed"] for runs in fractions.values() for r in runs}),
+           "folds": sorted({r["fold"] for r in records}),
            "scale": args.scale, "generator_seed": args.seed, "pretrain_steps": args.pretrain_steps,
            "pretrain_overrides": args.pretrain_override,
            "audio_steps": args.audio_steps,
