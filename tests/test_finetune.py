@@ -7,6 +7,7 @@ in the text, class-shifted frame features), so a few epochs of a tiny model beat
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -445,6 +446,28 @@ def test_lr_schedules_warm_up_and_decay_linearly_to_zero() -> None:
     assert np.all(np.diff(prompt[:100]) > 0) and prompt[100] == pytest.approx(3e-5)  # then decay from step 100 on
     assert np.all(np.diff(prompt[100:]) < 0) and prompt[-1] == 0.0
     assert prompt[800] == pytest.approx(3e-5 * (1500 - 800) / 1400)
+
+
+def test_the_fused_optimizer_makes_the_for_loop_update() -> None:
+    """finetune's AdamW is fused (one pass over all tensors on a CPU too): same decay groups, betas, lr and result."""
+    train = TrainConfig()
+    torch.manual_seed(0)
+    start = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    weights = {}
+    for fused in (False, True):
+        model = copy.deepcopy(start)
+        optimizer, scheduler = optimizer_and_schedule(model, Schedule(1e-2, 10, 2), train, fused=fused)
+        assert optimizer.defaults["fused"] is fused
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            scheduler.step()
+        weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert not torch.equal(weights[True], torch.cat([p.detach().flatten() for p in start.parameters()]))
+    assert torch.allclose(weights[True], weights[False], atol=1e-6)
+    assert optimizer_and_schedule(start, Schedule(1e-2, 10, 2), train)[0].defaults["fused"] is True
 
 
 class _ConstantClassifier(torch.nn.Module):
