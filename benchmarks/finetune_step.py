@@ -16,13 +16,14 @@ import argparse
 import copy
 import statistics
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from finetune.config import FinetuneConfig
 from finetune.data import batches
-from finetune.run import optimizer_and_schedule
+from finetune.run import optimizer_and_schedule, train_step
 from finetune.settings import build_model, schedule_for
 from memobert.config import load_config
 from memobert.schema import Utterance
@@ -51,17 +52,12 @@ def demo_batches(cfg: FinetuneConfig, tok: TextTokenizer, n: int, batch_size: in
 
 
 def train_steps(model: torch.nn.Module, cfg: FinetuneConfig, setting: str, data: list[Batch], fused: bool) -> float:
-    """Seconds per step of finetune/run.py's step (forward, backward, clip, AdamW, schedule) over `data`."""
+    """Seconds per step of finetune's train_step (fp32, as on the demo's CPU) over `data`."""
     optimizer, scheduler = optimizer_and_schedule(model, schedule_for(setting, cfg), cfg.train, fused=fused)
     model.train()
     start = time.perf_counter()
     for batch in data:
-        loss = model.loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        train_step(model, batch, optimizer, scheduler, cfg.train.grad_clip, nullcontext())
     return (time.perf_counter() - start) / len(data)
 
 

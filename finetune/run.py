@@ -280,14 +280,8 @@ def train_and_select(
     stream = training_batches(data, cfg, ctx, torch.Generator().manual_seed(seed))
     for step in tqdm(range(1, schedule.steps + 1), desc=desc, leave=False, disable=None):
         batch = next(stream).to(ctx.device)
-        with ctx.autocast():
-            loss = model.loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        loss = train_step(model, batch, optimizer, scheduler, train.grad_clip, ctx.autocast())
         total += loss.item() * batch.size
         seen += batch.size
         if step % train.val_every and step < schedule.steps:
@@ -306,6 +300,25 @@ def train_and_select(
                 break
     model.load_state_dict(best_state)
     return history, selected
+
+
+def train_step(
+    model: nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    grad_clip: float,
+    autocast: ContextManager,
+) -> torch.Tensor:
+    """One optimizer step: the loss under `autocast`, backward, clipping, AdamW, the schedule; returns the loss."""
+    with autocast:
+        loss = model.loss(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss
 
 
 @torch.no_grad()
