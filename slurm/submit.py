@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import time
@@ -75,7 +76,11 @@ class PretrainJob(Checkpointable):
         _start_job()
         # submitit reads rank, world size and the master node from SLURM_*. Every rank sees all GPUs
         # of its node and DeepSpeed picks cuda:LOCAL_RANK (submitit's default would hide all but one).
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        dist_env = submitit.helpers.TorchDistributedEnvironment()
+        dist_env.master_port = master_port(submitit.JobEnvironment().job_id)
+        dist_env.export(set_cuda_visible_devices=False)
+        log.info("rank %d of %d, rendezvous at %s:%d", dist_env.rank, dist_env.world_size, dist_env.master_addr,
+                 dist_env.master_port)
         usr2_received = _route_usr2_to_sigterm()
         from pretrain.train import train
 
@@ -83,6 +88,15 @@ class PretrainJob(Checkpointable):
         if result.stopped_by == "preempted":
             _leave(requeue=usr2_received(), why=f"stopped at step {result.step} by a signal; checkpoint {result.checkpoint}")
         return result
+
+
+def master_port(job_id: str) -> int:
+    """The rendezvous port every rank derives from its job id, below Linux's ephemeral range (32768-60999).
+
+    submitit's own choice (20000-60000) mostly lands inside that range, where any outgoing connection on
+    the master node may already hold the port (EADDRINUSE at init_process_group).
+    """
+    return random.Random(job_id).randint(20000, 32767)
 
 
 def submit_pretrain(cfg: PretrainConfig, profile: SlurmProfile, *, dry_run: bool = False, command: str = "") -> Submitted:

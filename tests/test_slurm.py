@@ -82,6 +82,19 @@ def test_profile_rejects_a_signal_later_than_the_limit() -> None:
     assert load_config(SlurmProfile, [], ["gpus_per_node=4", "nodes=2"]).world_size == 8  # one task per GPU
 
 
+def test_the_rendezvous_port_comes_from_the_job_id_and_avoids_the_ephemeral_range() -> None:
+    import random
+
+    from slurm.submit import master_port
+
+    ports = [master_port(str(job_id)) for job_id in range(1, 2001)]
+    assert all(20000 <= port < 32768 for port in ports)  # Linux's default ephemeral range starts at 32768
+    assert master_port("1") == master_port("1")  # every rank of a job, and its requeued run, agree
+    assert len(set(ports)) > 1500  # two jobs on one master node rarely share it
+    # submitit's own choice for the private cluster's first job sits in the range (a CI run hit EADDRINUSE)
+    assert random.Random("1").randint(20000, 60000) >= 32768
+
+
 def test_dry_run_prints_the_requested_resources(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from memobert.cli import main
 
@@ -144,6 +157,9 @@ def test_pretrain_two_tasks_trains_logs_and_checkpoints(slurm_cluster, shards: P
     assert record["resources"]["pretrain"]["ntasks_per_node"] == 2 and record["command"].startswith("memobert submit")
     logs = _logs(out / "slurm", job_id)
     assert set(logs) == {0, 1} and "global_rank=1(2)" in logs[1]  # one log per rank
+    from slurm.submit import master_port
+
+    assert all(f":{master_port(job_id)}" in logs[rank] for rank in (0, 1))  # the port below the ephemeral range
 
 
 @pytest.mark.slow
