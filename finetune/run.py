@@ -8,6 +8,13 @@ evaluates the test speaker once, with every input and with each of the 6 other n
 subsets (the missing-modality table). Each run writes runs/<setting>/seed<k>/fold<n>.json; a rerun
 skips the runs whose JSON exists.
 
+Folds that share their training speakers (IEMOCAP's and MSP-IMPROV's pairs: one speaker tests while the
+other of the session validates, then they swap) train the same model under the same seed, so a setting
+without a fit-time hook trains once for both: every validation scores each fold's validation speaker,
+each fold keeps its own best weights and patience, and training goes on until the last fold stops. The
+records are the ones two separate runs write; the trajectory never depends on a validation, so one fold's
+test speaker, validating its partner, cannot reach its own selection.
+
 No DeepSpeed downstream: a fold is a few thousand utterances and a BERT-base model fits one device many
 times over, so there is nothing to shard or accumulate; a plain loop on one device keeps model selection
 (copy the best weights, reload them) trivial and needs no process group per run.
@@ -19,7 +26,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -112,10 +119,11 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if pending:
         needs_checkpoint = bool(cfg.checkpoint) and any(s in CHECKPOINT_SETTINGS for s, _, _ in pending)
         ctx = _context(cfg, needs_checkpoint=needs_checkpoint)
-        for i, (setting, seed, fold) in enumerate(pending, 1):
-            log.info("run %d/%d: %s seed %d fold %d", i, len(pending), setting, seed, fold)
-            record = run_one(setting, seed, folds[fold], cfg, ctx)
-            _write_json(run_path(out, setting, seed, fold), record)
+        units = trainings(pending, folds)
+        for i, (setting, seed, unit) in enumerate(units, 1):
+            log.info("run %d/%d: %s seed %d fold %s", i, len(units), setting, seed, " and ".join(str(f.index) for f in unit))
+            for fold, record in zip(unit, run_folds(setting, seed, unit, cfg, ctx)):
+                _write_json(run_path(out, setting, seed, fold.index), record)
     records = [json.loads(run_path(out, *run).read_text()) for run in grid]
     return write_report(out, cfg, records)
 
@@ -166,30 +174,73 @@ def resolve_precision(cfg: FinetuneConfig, cuda: bool) -> FinetuneConfig:
     return replace(cfg, train=replace(cfg.train, precision="bf16" if cuda else "fp32"))
 
 
-def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
-    """Train, select on the validation speaker, evaluate the test speaker once per modality subset."""
+def shares_training(setting: str) -> bool:
+    """Whether folds with the same training speakers and seed train the same model in this setting.
+
+    Not the baselines, whose fit-time hook may read the validation speaker (M3ER's threshold), nor the
+    seconds-cheap probe.
+    """
+    return setting not in BASELINE_SETTINGS and setting != PROBE
+
+
+def trainings(pending: list[tuple[str, int, int]], folds: dict[int, Fold]) -> list[tuple[str, int, list[Fold]]]:
+    """The pending (setting, seed, fold) runs grouped into trainings, in order: folds share one where they can."""
+    units: dict[tuple[Any, ...], tuple[str, int, list[Fold]]] = {}
+    for setting, seed, index in pending:
+        fold = folds[index]
+        key = (setting, seed, frozenset(fold.train)) if shares_training(setting) else (setting, seed, index)
+        units.setdefault(key, (setting, seed, []))[2].append(fold)
+    return list(units.values())
+
+
+@dataclass
+class Outcome:
+    """What one fold's run produced: test predictions per modality subset and how they were selected."""
+
+    predictions: dict[str, np.ndarray]
+    fitted: dict[str, Any]
+    history: list[dict[str, Any]]
+    selected: int | None
+    val_uar: float
+
+
+def run_folds(setting: str, seed: int, folds: list[Fold], cfg: FinetuneConfig, ctx: Context) -> list[dict[str, Any]]:
+    """Train (once for folds that share their training speakers), select on each validation speaker, evaluate
+    each test speaker once per modality subset; one record per fold."""
+    datas = [fold_data(fold, seed, cfg, ctx) for fold in folds]
+    if setting == PROBE:
+        outcomes = []
+        for data in datas:
+            predictions, fitted, history = run_probe(data)
+            val_uar = max(h["val_uar"] for h in history if h["subset"] == "tav")
+            outcomes.append(Outcome(predictions, fitted, history, None, val_uar))
+    else:
+        outcomes = train_model(setting, seed, folds, datas, cfg, ctx)
+    trained_with = [f.index for f in folds]
+    return [_record(setting, seed, fold, data, outcome, trained_with, cfg) for fold, data, outcome in zip(folds, datas, outcomes)]
+
+
+def fold_data(fold: Fold, seed: int, cfg: FinetuneConfig, ctx: Context) -> FoldData:
+    """The fold's speakers' samples, the training ones cut to `data.label_fraction` (seeded)."""
     data = split_fold(ctx.utts, fold)
     for part in ("train", "val", "test"):
         if not getattr(data, part):
             raise ValueError(f"fold {fold.index}: no {part} samples (speakers: train {fold.train}, val {fold.val}, "
                              f"test {fold.test}); check the shards' 'speaker' ids against the {cfg.data.protocol} protocol")
-    data = replace(data, train=label_subset(data.train, cfg.data.label_fraction, seed))
-    if setting == PROBE:
-        test_predictions, fitted, history = run_probe(data)
-        selected = None
-        val_uar = max(h["val_uar"] for h in history if h["subset"] == "tav")
-    else:
-        test_predictions, fitted, history, selected = train_model(setting, seed, fold, data, cfg, ctx)
-        val_uar = next(h["val_uar"] for h in history if h["step"] == selected)
+    return replace(data, train=label_subset(data.train, cfg.data.label_fraction, seed))
 
+
+def _record(setting: str, seed: int, fold: Fold, data: FoldData, outcome: Outcome, trained_with: list[int],
+            cfg: FinetuneConfig) -> dict[str, Any]:
     y_test = labels_of(data.test)
     evaluated = {subset: {"scores": scores(y_test, pred, len(CLASSES)),
                           "confusion": confusion(y_test, pred, len(CLASSES)).tolist()}
-                 for subset, pred in test_predictions.items()}
-    pred, full = test_predictions["tav"], evaluated.pop("tav")
+                 for subset, pred in outcome.predictions.items()}
+    pred, full = outcome.predictions["tav"], evaluated.pop("tav")
     predictions = {u.key: int(p) for u, p in zip(data.test, pred)}
     log.info("%s seed %d fold %d: test %s (selected on validation: %s)", setting, seed, fold.index,
-             " ".join(f"{k} {v:.3f}" for k, v in full["scores"].items()), selected if selected is not None else fitted)
+             " ".join(f"{k} {v:.3f}" for k, v in full["scores"].items()),
+             outcome.selected if outcome.selected is not None else outcome.fitted)
     return {
         "setting": setting,
         "seed": seed,
@@ -199,10 +250,12 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
         "speakers": {"train": list(fold.train), "val": fold.val, "test": fold.test},
         "label_fraction": cfg.data.label_fraction,
         "samples": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
-        "fitted": fitted,
-        "selected_step": selected,
-        "val_uar": val_uar,
-        "history": history,
+        # The folds whose selections came from this one training (the fold alone, or it and its partner).
+        "trained_with_folds": trained_with,
+        "fitted": outcome.fitted,
+        "selected_step": outcome.selected,
+        "val_uar": outcome.val_uar,
+        "history": outcome.history,
         "scores": full["scores"],
         # The prompt's vocab scoring: test predictions that were no label word (counted wrong).
         "not_a_class": int((pred == NOT_A_CLASS).sum()),
@@ -214,18 +267,29 @@ def run_one(setting: str, seed: int, fold: Fold, cfg: FinetuneConfig, ctx: Conte
 
 
 def train_model(
-    setting: str, seed: int, fold: Fold, data: FoldData, cfg: FinetuneConfig, ctx: Context
-) -> tuple[dict[str, np.ndarray], dict[str, Any], list[dict[str, float]], int]:
-    """A torch setting's run: build, fit-time hook, train and select; test predictions per modality subset."""
+    setting: str, seed: int, folds: list[Fold], datas: list[FoldData], cfg: FinetuneConfig, ctx: Context
+) -> list[Outcome]:
+    """A torch setting's training, shared by `folds` (same training samples): build, fit-time hook, train,
+    select per validation speaker; each fold's test predictions per modality subset from its selected weights."""
+    train_keys = [u.key for u in datas[0].train]
+    if any([u.key for u in data.train] != train_keys for data in datas[1:]):
+        raise ValueError(f"folds {[f.index for f in folds]} do not share their training samples: train them apart")
     torch.manual_seed(seed)  # classifier / random init and dropout follow the seed
     model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
+    if isinstance(model, FitsOnData) and len(folds) > 1:
+        raise ValueError(f"{setting} fits on the validation speaker before training: its folds cannot share a training")
+    fold, data = folds[0], datas[0]
     # The fit-time hook never reads the test speaker, not even under a protocol whose validation speaker is the
     # test speaker (msp_improv_11to1): there the training speakers stand in for validation (M3ER's threshold).
     fitted = prepare(model, data if fold.val != fold.test else replace(data, val=data.train), cfg, ctx)
-    history, selected = train_and_select(model, data, cfg, seed, ctx, desc=f"{setting} s{seed} f{fold.index}",
-                                         schedule=schedule_for(setting, cfg))
-    predictions = {subset: predict(model, keep_modalities(data.test, subset), cfg, ctx) for subset in MODALITY_SUBSETS}
-    return predictions, fitted, history, selected
+    selections = train_and_select(model, data.train, [d.val for d in datas], cfg, seed, ctx, schedule_for(setting, cfg),
+                                  desc=f"{setting} s{seed} f{'+'.join(str(f.index) for f in folds)}")
+    outcomes = []
+    for data, selection in zip(datas, selections):
+        model.load_state_dict(selection.weights)
+        predictions = {subset: predict(model, keep_modalities(data.test, subset), cfg, ctx) for subset in MODALITY_SUBSETS}
+        outcomes.append(Outcome(predictions, fitted, selection.history, selection.step, selection.uar))
+    return outcomes
 
 
 def prepare(model: nn.Module, data: FoldData, cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:
@@ -254,52 +318,69 @@ def optimizer_and_schedule(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def training_batches(data: FoldData, cfg: FinetuneConfig, ctx: Context, generator: torch.Generator) -> Iterator[Batch]:
+def training_batches(
+    train: list[Utterance], cfg: FinetuneConfig, ctx: Context, generator: torch.Generator
+) -> Iterator[Batch]:
     """Shuffled training batches without end: each pass over the training speakers is a new permutation."""
     ids = ctx.tokenizer
     while True:
-        yield from batches(data.train, cfg.train.batch_size, cfg.data, ids.cls_id, ids.sep_id, generator)
+        yield from batches(train, cfg.train.batch_size, cfg.data, ids.cls_id, ids.sep_id, generator)
+
+
+@dataclass
+class Selection:
+    """Model selection on one validation speaker: its validations, the best step, its UAR and its weights."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    step: int = 0
+    uar: float = -1.0
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    stale: int = 0  # validations since the best one
 
 
 def train_and_select(
-    model: nn.Module, data: FoldData, cfg: FinetuneConfig, seed: int, ctx: Context, desc: str, schedule: Schedule
-) -> tuple[list[dict[str, float]], int]:
-    """Train on the training speakers for at most `schedule.steps`; keep the weights of the best validation UAR.
+    model: nn.Module, train: list[Utterance], vals: list[list[Utterance]], cfg: FinetuneConfig, seed: int,
+    ctx: Context, schedule: Schedule, desc: str = "train"
+) -> list[Selection]:
+    """Train on `train` for at most `schedule.steps`; keep, per validation set, the weights of its best UAR.
 
-    Validates every `train.val_every` steps and after the last; stops after `train.patience` validations
-    without a better UAR. The test speaker is not seen here. Returns the per-validation history and the
-    selected step.
+    Validates every `train.val_every` steps and after the last. A validation set stops being scored after
+    `train.patience` validations without a better UAR; training stops when every one has. Validations
+    never change the training, so each selection is the one a training for that set alone would make.
+    The test speaker is not seen here. The model is left with its last weights.
     """
-    train = cfg.train
-    optimizer, scheduler = optimizer_and_schedule(model, schedule, train)
-    y_val = labels_of(data.val)
-    history: list[dict[str, float]] = []
-    best_uar, selected, best_state, stale = -1.0, 0, None, 0
+    train_cfg = cfg.train
+    optimizer, scheduler = optimizer_and_schedule(model, schedule, train_cfg)
+    y_vals = [labels_of(val) for val in vals]
+    selections = [Selection() for _ in vals]
     total, seen = 0.0, 0
     model.train()
-    stream = training_batches(data, cfg, ctx, torch.Generator().manual_seed(seed))
+    stream = training_batches(train, cfg, ctx, torch.Generator().manual_seed(seed))
     for step in tqdm(range(1, schedule.steps + 1), desc=desc, leave=False, disable=None):
         batch = next(stream).to(ctx.device)
         lr = scheduler.get_last_lr()[0]
-        loss = train_step(model, batch, optimizer, scheduler, train.grad_clip, ctx.autocast())
+        loss = train_step(model, batch, optimizer, scheduler, train_cfg.grad_clip, ctx.autocast())
         total += loss.item() * batch.size
         seen += batch.size
-        if step % train.val_every and step < schedule.steps:
+        if step % train_cfg.val_every and step < schedule.steps:
             continue
-        val_uar = scores(y_val, predict(model, data.val, cfg, ctx), len(CLASSES))["uar"]
+        for selection, val, y_val in zip(selections, vals, y_vals):
+            if selection.stale >= train_cfg.patience:
+                continue  # this validation speaker's selection is over
+            val_uar = scores(y_val, predict(model, val, cfg, ctx), len(CLASSES))["uar"]
+            selection.history.append({"step": step, "lr": lr, "train_loss": total / seen, "val_uar": val_uar})
+            log.debug("%s step %d: lr %.3g, train loss %.4f, validation UAR %.4f (%s)", desc, step, lr, total / seen,
+                      val_uar, val[0].meta["speaker"])
+            if val_uar > selection.uar:  # strictly better: ties keep the earlier step
+                selection.step, selection.uar, selection.stale = step, val_uar, 0
+                selection.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                selection.stale += 1
         model.train()
-        history.append({"step": step, "lr": lr, "train_loss": total / seen, "val_uar": val_uar})
-        log.debug("%s step %d: lr %.3g, train loss %.4f, validation UAR %.4f", desc, step, lr, total / seen, val_uar)
         total, seen = 0.0, 0
-        if val_uar > best_uar:  # strictly better: ties keep the earlier step
-            best_uar, selected, stale = val_uar, step, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= train.patience:
-                break
-    model.load_state_dict(best_state)
-    return history, selected
+        if all(selection.stale >= train_cfg.patience for selection in selections):
+            break
+    return selections
 
 
 def train_step(

@@ -153,24 +153,29 @@ def _leave(requeue: bool, why: str) -> NoReturn:
 
 
 class FinetuneTask(Checkpointable):
-    """One (setting, seed, fold) run of an array; on the time-limit signal it is requeued and redone."""
+    """One training of an array: a (setting, seed) on one fold, or on two that share their training speakers
+    (finetune.run.trainings); on the time-limit signal it is requeued and redone."""
 
-    def __init__(self, cfg: FinetuneConfig, setting: str, seed: int, fold: int) -> None:
-        self.cfg, self.setting, self.seed, self.fold = cfg, setting, seed, fold
+    def __init__(self, cfg: FinetuneConfig, setting: str, seed: int, folds: list[int]) -> None:
+        self.cfg, self.setting, self.seed, self.folds = cfg, setting, seed, folds
 
-    def __call__(self) -> str:
+    def __call__(self) -> list[str]:
         _start_job()
         from finetune.run import run_finetune, run_path
 
-        # Its own out_dir: tasks must not share run_finetune's config.json and report files. The run's
-        # JSON then moves (atomically: same filesystem) to where the whole grid's report reads it.
-        work = Path(self.cfg.out_dir) / "slurm" / "tasks" / f"{self.setting}_seed{self.seed}_fold{self.fold}"
-        one = replace(self.cfg, settings=[self.setting], seeds=[self.seed], folds=[self.fold], out_dir=str(work))
+        # Its own out_dir: tasks must not share run_finetune's config.json and report files. The runs'
+        # JSONs then move (atomically: same filesystem) to where the whole grid's report reads them.
+        name = f"{self.setting}_seed{self.seed}_fold{'+'.join(map(str, self.folds))}"
+        work = Path(self.cfg.out_dir) / "slurm" / "tasks" / name
+        one = replace(self.cfg, settings=[self.setting], seeds=[self.seed], folds=list(self.folds), out_dir=str(work))
         run_finetune(one)
-        target = run_path(Path(self.cfg.out_dir), self.setting, self.seed, self.fold)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        run_path(work, self.setting, self.seed, self.fold).replace(target)
-        return str(target)
+        targets = []
+        for fold in self.folds:
+            target = run_path(Path(self.cfg.out_dir), self.setting, self.seed, fold)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            run_path(work, self.setting, self.seed, fold).replace(target)
+            targets.append(str(target))
+        return targets
 
 
 class FinetuneReport:
@@ -194,8 +199,10 @@ class FinetuneReport:
 
 
 def submit_finetune(cfg: FinetuneConfig, profile: SlurmProfile, *, dry_run: bool = False, command: str = "") -> Submitted:
-    """A job array over the (setting, seed, fold) runs not done yet, then a report job after all of them."""
-    from finetune.run import check_and_save_config, check_ready, resolve_precision, run_finetune, run_path
+    """A job array over the (setting, seed, fold) runs not done yet, one task per training (paired folds share
+    one), then a report job after all of them."""
+    from finetune.protocols import folds_for
+    from finetune.run import check_and_save_config, check_ready, resolve_precision, run_finetune, run_path, trainings
 
     check_ready(cfg)
     out = Path(cfg.out_dir).resolve()
@@ -210,6 +217,9 @@ def submit_finetune(cfg: FinetuneConfig, profile: SlurmProfile, *, dry_run: bool
     folder = out / "slurm"
     grid = [(s, seed, f) for s in cfg.settings for seed in cfg.seeds for f in cfg.fold_numbers]
     todo = [run for run in grid if not run_path(out, *run).is_file()]
+    folds = {f.index: f for f in folds_for(cfg.data.protocol)}
+    units = [(s, seed, [f.index for f in unit]) for s, seed, unit in trainings(todo, folds)]
+    in_tasks = f"in {len(units)} task{'s' if len(units) != 1 else ''}"
     task_params = sbatch_parameters(task_profile, "memobert-finetune")
     # The report needs no GPU, little memory and little time; it starts when every array task ended, however.
     report_profile = replace(profile, nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1, exclusive=False,
@@ -217,10 +227,10 @@ def submit_finetune(cfg: FinetuneConfig, profile: SlurmProfile, *, dry_run: bool
     report_params = sbatch_parameters(report_profile, "memobert-finetune-report")
     scripts = {"report": render_sbatch(folder, {**report_params, "dependency": "afterany:ARRAY_JOB_ID"})}
     if todo:
-        scripts = {"array": render_sbatch(folder, task_params, array_size=len(todo)), **scripts}
+        scripts = {"array": render_sbatch(folder, task_params, array_size=len(units)), **scripts}
     submitted = Submitted(folder, scripts)
     if dry_run:
-        submitted.note = f"{len(todo)} of {len(grid)} runs to do, train.precision {cfg.train.precision}"
+        submitted.note = f"{len(todo)} of {len(grid)} runs to do {in_tasks}, train.precision {cfg.train.precision}"
         return submitted
     # Fail now, not after the array, when out_dir holds runs of another config (a private function of
     # finetune.run: the check its own driver does).
@@ -232,17 +242,18 @@ def submit_finetune(cfg: FinetuneConfig, profile: SlurmProfile, *, dry_run: bool
 
     executor = _executor(folder, task_params)
     with executor.batch():
-        jobs = [executor.submit(FinetuneTask(cfg, *run)) for run in todo]
+        jobs = [executor.submit(FinetuneTask(cfg, *unit)) for unit in units]
     array_id = jobs[0].job_id.split("_")[0]
     tasks = [{"setting": s, "seed": seed, "fold": f, "job_id": job.job_id, "log": str(job.paths.stderr)}
-             for (s, seed, f), job in zip(todo, jobs)]
+             for (s, seed, unit), job in zip(units, jobs) for f in unit]
     (folder / FAILED).unlink(missing_ok=True)  # from an earlier submission: these runs are being redone
     report = _executor(folder, {**report_params, "dependency": f"afterany:{array_id}"}).submit(FinetuneReport(cfg, tasks))
     submitted.job_ids.update(array=array_id, report=report.job_id)
     submitted.final = report
     _write_record(folder, "finetune", command, submitted.job_ids, {"array": task_params, "report": report_params},
                   {"runs": tasks, "grid_size": len(grid), "config": to_dict(cfg)})
-    submitted.note = (f"array job {array_id}: {len(todo)} of {len(grid)} runs, at most {profile.array_parallelism} at once; "
+    submitted.note = (f"array job {array_id}: {len(todo)} of {len(grid)} runs {in_tasks}, at most "
+                      f"{profile.array_parallelism} at once; "
                       f"report job {report.job_id} after it -> {out / 'results.md'}; logs: {folder}")
     return submitted
 

@@ -27,6 +27,7 @@ from finetune.metrics import NOT_A_CLASS, scores
 from finetune.prompt import Template, insert_template, label_word_scores, vocab_predictions
 from finetune.protocols import CLASSES, folds_for, iemocap_folds, msp_improv_folds
 from finetune.report import SETTING_NAMES, write_report
+import finetune.run as run
 from finetune.run import (
     Context,
     check_and_save_config,
@@ -299,6 +300,59 @@ def test_every_setting_beats_chance_and_a_rerun_skips(
         run_finetune(load_config(FinetuneConfig, overrides=[*same, "train.lr=2e-3"]))
 
 
+def test_paired_folds_train_once_and_record_what_separate_runs_record(
+    tmp_path: Path, labeled_shards: Path, pretrained: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    # Folds 1 and 2 share their training speakers (Ses01F and Ses01M swap test and validation).
+    steps = {"n": 0}
+    real_step = run.train_step
+
+    def counting_step(*args, **kwargs):
+        steps["n"] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(run, "train_step", counting_step)
+    settings = ["direct", "pretrain_prompt"]
+
+    def finetune(out: Path, folds: str) -> int:
+        steps["n"] = 0
+        overrides = [f"data.shards={labeled_shards}", f"settings={','.join(settings)}", f"checkpoint={pretrained['run']}",
+                     "seeds=[42]", f"folds={folds}", f"out_dir={out}", *FAST, "train.patience=2"]
+        run_finetune(load_config(FinetuneConfig, overrides=overrides))
+        return steps["n"]
+
+    with caplog.at_level(logging.INFO, logger="finetune.run"):
+        paired_steps = finetune(tmp_path / "paired", "[1, 2]")
+    assert [r.message for r in caplog.records if r.message.startswith("run ")] == [
+        "run 1/2: direct seed 42 fold 1 and 2", "run 2/2: pretrain_prompt seed 42 fold 1 and 2"]
+    separate_steps = finetune(tmp_path / "fold1", "[1]") + finetune(tmp_path / "fold2", "[2]")
+    last_steps = {}
+    for setting in settings:
+        for fold in (1, 2):
+            paired = json.loads(run_path(tmp_path / "paired", setting, 42, fold).read_text())
+            alone = json.loads(run_path(tmp_path / f"fold{fold}", setting, 42, fold).read_text())
+            assert paired.pop("trained_with_folds") == [1, 2] and alone.pop("trained_with_folds") == [fold]
+            assert paired == alone, (setting, fold)  # history, selection, predictions, every score
+            last_steps[setting, fold] = paired["history"][-1]["step"]
+    # One training per setting, as long as its later-stopping fold's; the separate runs train twice.
+    assert paired_steps == sum(max(last_steps[s, 1], last_steps[s, 2]) for s in settings)
+    assert separate_steps == sum(last_steps.values()) > paired_steps
+
+
+def test_trainings_pair_folds_only_where_the_training_is_the_same() -> None:
+    folds = {f.index: f for f in iemocap_folds()}
+    pending = [("direct", 42, 1), ("direct", 42, 2), ("direct", 42, 3), ("direct", 7, 2), ("direct", 7, 1),
+               ("m3er", 42, 1), ("m3er", 42, 2), ("probe", 42, 1), ("probe", 42, 2)]
+    units = [(setting, seed, [f.index for f in unit]) for setting, seed, unit in run.trainings(pending, folds)]
+    assert units == [("direct", 42, [1, 2]), ("direct", 42, [3]), ("direct", 7, [2, 1]),
+                     # M3ER fits its threshold on the validation speaker; the probe chooses C on it
+                     ("m3er", 42, [1]), ("m3er", 42, [2]), ("probe", 42, [1]), ("probe", 42, [2])]
+    # The authors' MSP-IMPROV folds validate on the test speaker, so no two share their training speakers.
+    all_but_test = {f.index: f for f in folds_for("msp_improv_11to1")}
+    assert all(len(unit) == 1 for _, _, unit in run.trainings([("direct", 0, i) for i in all_but_test], all_but_test))
+
+
 def test_report_aggregates_folds_then_seeds(tmp_path: Path) -> None:
     uar = {(42, 1): 0.5, (42, 2): 0.7, (1234, 1): 0.8, (1234, 2): 0.6}  # seed means 0.6 and 0.7
     records = []
@@ -489,7 +543,8 @@ def _fit(labeled_shards: Path, overrides: list[str]) -> tuple[list[dict[str, flo
     utts = load_utterances(str(labeled_shards), cfg.data)
     ctx = Context(utts, TextTokenizer(), feature_dims(utts), None, torch.device("cpu"), False)
     data = split_fold(utts, iemocap_folds()[0])
-    return train_and_select(_ConstantClassifier(), data, cfg, 42, ctx, "test", Schedule(1e-2, cfg.train.steps, 0))
+    [selection] = train_and_select(_ConstantClassifier(), data.train, [data.val], cfg, 42, ctx, Schedule(1e-2, cfg.train.steps, 0))
+    return selection.history, selection.step
 
 
 def test_training_stops_after_patience_validations_without_a_better_uar(labeled_shards: Path) -> None:

@@ -81,7 +81,7 @@ def _poison(utt: Utterance) -> PoisonedUtterance:
 def guarded(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, set[str]]]:
     """Poison fold 1's test speaker at load time (the runs are fold 1's); arm per run, disarm when selection returns."""
     seen: dict[str, set[str]] = {}
-    real_load, real_run_one, real_select = run.load_utterances, run.run_one, run.train_and_select
+    real_load, real_run_folds, real_select = run.load_utterances, run.run_folds, run.train_and_select
 
     def load(source, cfg):
         test_speaker = folds_for(protocol["name"])[0].test
@@ -89,10 +89,10 @@ def guarded(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, set[str]]]:
         seen["test_keys"] = {u.key for u in utts if isinstance(u, PoisonedUtterance)}
         return utts
 
-    def run_one(setting, seed, fold, cfg, ctx):
+    def run_folds(setting, seed, folds, cfg, ctx):
         Guard.armed = True
         try:
-            return real_run_one(setting, seed, fold, cfg, ctx)
+            return real_run_folds(setting, seed, folds, cfg, ctx)
         finally:
             Guard.armed = False
 
@@ -113,7 +113,7 @@ def guarded(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, set[str]]]:
 
     protocol = {"name": "iemocap"}
     monkeypatch.setattr(run, "load_utterances", load)
-    monkeypatch.setattr(run, "run_one", run_one)
+    monkeypatch.setattr(run, "run_folds", run_folds)
     monkeypatch.setattr(run, "train_and_select", train_and_select)
     for name in ("predict", "labels_of"):  # what selection reads: predictions and labels of the validation speaker
         monkeypatch.setattr(run, name, selection_read(getattr(run, name)))

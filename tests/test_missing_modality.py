@@ -83,7 +83,7 @@ def test_a_one_modality_model_scores_only_where_its_modality_is_kept(modality: s
                                                  "train.device=cpu"])
     utts = _utterances()
     ctx = run.Context(utts, TextTokenizer(), DIMS, None, torch.device("cpu"), bf16=False)
-    record = run.run_one("direct", 0, iemocap_folds()[0], cfg, ctx)
+    [record] = run.run_folds("direct", 0, [iemocap_folds()[0]], cfg, ctx)
     assert record["scores"]["uar"] == 1.0
     for subset in MODALITY_SUBSETS[1:]:
         expected = 1.0 if modality in subset else 0.25  # chance: one class for a balanced test speaker

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from finetune.config import FinetuneConfig
 from finetune.data import split_fold
 from finetune.protocols import iemocap_folds
-from finetune.run import Context, train_and_select
+from finetune.run import Context, Selection, train_and_select
 from finetune.settings import Schedule
 from memobert.config import load_config
 from memobert.schema import Utterance
@@ -62,8 +62,10 @@ def _select(
                                                  f"train.patience={patience}"])
     ctx = Context(utts, TextTokenizer(), {"text": 3, "audio": 16, "visual": 12}, None, torch.device("cpu"), False)
     model = ScriptedClassifier(right_classes)
-    history, selected = train_and_select(model, split_fold(utts, FOLD), cfg, seed, ctx, "test", Schedule(1.0, steps, 0))
-    return history, selected, model
+    data = split_fold(utts, FOLD)
+    [selection] = train_and_select(model, data.train, [data.val], cfg, seed, ctx, Schedule(1.0, steps, 0), "test")
+    model.load_state_dict(selection.weights)
+    return selection.history, selection.step, model
 
 
 def test_the_best_validation_is_selected_ties_keep_the_earlier_step_and_its_weights_return() -> None:
@@ -96,10 +98,49 @@ def test_validation_every_n_steps_and_after_the_last_with_the_mean_loss_and_lr_s
     assert [h["lr"] for h in history] == pytest.approx([5 / 7, 2 / 7, 1 / 7])
     # What --log-level debug shows per validation.
     assert [r.getMessage() for r in caplog.records if r.name == "finetune.run"] == [
-        "test step 3: lr 0.714, train loss 2.0000, validation UAR 0.2500",
-        "test step 6: lr 0.286, train loss 5.0000, validation UAR 0.5000",
-        "test step 7: lr 0.143, train loss 7.0000, validation UAR 0.7500",
+        "test step 3: lr 0.714, train loss 2.0000, validation UAR 0.2500 (Ses01M)",
+        "test step 6: lr 0.286, train loss 5.0000, validation UAR 0.5000 (Ses01M)",
+        "test step 7: lr 0.143, train loss 7.0000, validation UAR 0.7500 (Ses01M)",
     ]
+
+
+class PerSpeakerScript(ScriptedClassifier):
+    """A script per validation speaker, told apart by the value of their face frames (the speaker's number)."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        speaker = int(batch.visual[0, 0, 0])
+        k = self.right_classes[speaker][int(self.step)] if speaker in self.right_classes else 4
+        pred = torch.where(batch.labels < k, batch.labels, (batch.labels + 1) % 4)
+        return F.one_hot(pred, 4).float() + self.weight
+
+
+def test_two_validation_speakers_select_and_stop_apart_as_they_would_alone() -> None:
+    # Fold 1 validates on Ses01M, fold 2 (same training speakers) on Ses01F. Patience 2, a validation every 2 steps.
+    scripts = {1: {2: 1, 4: 2, 6: 1, 8: 1, 10: 4},  # best at 4, stops after 8: never sees its better step 10
+               2: {2: 1, 4: 1, 6: 3, 8: 3, 10: 4}}  # a tie at 4, better at 6, a tie at 8, best at 10
+    vals = {1: FOLD.val, 2: FOLD.test}
+    number = {FOLD.val: 1, FOLD.test: 2}  # training speakers: 0
+    utts = [Utterance(key=f"{s}_{i}", meta={"speaker": s, "label": i % 4}, tokens=np.arange(5, 8), words=np.arange(3),
+                      audio=np.ones((4, 16)), visual=np.full((3, 12), number.get(s, 0)), vprob=np.full((3, 8), 1 / 8))
+             for s in [*FOLD.train, FOLD.val, FOLD.test] for i in range(8)]
+    cfg = load_config(FinetuneConfig, overrides=["train.batch_size=16", "train.val_every=2", "train.patience=2"])
+    ctx = Context(utts, TextTokenizer(), {"text": 3, "audio": 16, "visual": 12}, None, torch.device("cpu"), False)
+    data = split_fold(utts, FOLD)
+
+    def select(which: list[int]) -> tuple[list[Selection], PerSpeakerScript]:
+        model = PerSpeakerScript(scripts)
+        val_sets = [[u for u in utts if u.meta["speaker"] == vals[v]] for v in which]
+        return train_and_select(model, data.train, val_sets, cfg, 0, ctx, Schedule(1.0, 10, 0)), model
+
+    (first, second), model = select([1, 2])
+    assert [h["step"] for h in first.history] == [2, 4, 6, 8] and first.step == 4 and first.uar == 0.5
+    assert [h["step"] for h in second.history] == [2, 4, 6, 8, 10] and second.step == 10 and second.uar == 1.0
+    assert int(first.weights["step"]) == 4 and int(second.weights["step"]) == 10 and int(model.step) == 10
+    for selection, alone in ((first, select([1])), (second, select([2]))):
+        [single], single_model = alone
+        assert (single.history, single.step, single.uar) == (selection.history, selection.step, selection.uar)
+        assert int(single.weights["step"]) == selection.step
+    assert int(select([1])[1].step) == 8  # alone, fold 1 trains only until its own stop
 
 
 def test_training_batches_are_a_seeded_shuffle_of_the_training_speakers() -> None:

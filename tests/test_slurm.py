@@ -118,8 +118,9 @@ def test_dry_run_prints_the_requested_resources(tmp_path: Path, capsys: pytest.C
     main(["submit", "finetune", *LOCAL, "--data", str(labeled), "--settings", "direct", "--seeds", "1,2", "--folds", "1,2",
           "--out", str(tmp_path / "ft"), "--array-parallelism", "3", "--dry-run"])
     array = capsys.readouterr().out
-    assert "#SBATCH --array=0-3%3\n" in array and "#SBATCH --dependency=afterany:ARRAY_JOB_ID" in array
-    assert "4 of 4 runs to do, train.precision fp32" in array  # auto, resolved for the profile's GPU-less nodes
+    # Folds 1 and 2 share their training speakers: one task trains each seed for both (2 tasks, so at most 2 at once).
+    assert "#SBATCH --array=0-1%2\n" in array and "#SBATCH --dependency=afterany:ARRAY_JOB_ID" in array
+    assert "4 of 4 runs to do in 2 tasks, train.precision fp32" in array  # auto, resolved for the GPU-less nodes
 
 
 def test_finetune_tasks_ask_for_one_gpu_not_the_profiles_whole_node(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -138,7 +139,7 @@ def test_finetune_tasks_ask_for_one_gpu_not_the_profiles_whole_node(tmp_path: Pa
             [f"#SBATCH --mem={task_mem}"] if task_mem else [])  # "0" (the whole node) becomes the cluster's default
         assert "--gpus-per-node" not in report and "--mem" not in report and "--exclusive" not in report
         assert "#SBATCH --cpus-per-task=1\n" in report
-        assert "1 of 1 runs to do, train.precision bf16" in printed  # auto on the tasks' GPU, not this GPU-less host
+        assert "1 of 1 runs to do in 1 task, train.precision bf16" in printed  # auto on the tasks' GPU, not this GPU-less host
 
 
 @pytest.mark.slow
@@ -199,25 +200,27 @@ def test_finetune_array_reports_failed_runs_then_resubmits_only_those(slurm_clus
     write_tiny_shards(labeled, 64, 2, seed=0, speakers=no_session5, class_signal=3.0)
     out = tmp_path / "ft"
     args = ["submit", "finetune", *LOCAL, "--data", str(labeled), "--settings", "direct", "--seeds", "42,7",
-            "--folds", "1,9", "--out", str(out), "--wait", *FINETUNE_FAST]
+            "--folds", "1,2,9", "--out", str(out), "--wait", *FINETUNE_FAST]
 
     first = _memobert(*args, check=False)
     assert first.returncode == 1, first.stderr[-3000:]
-    assert "4 of 4 runs, at most 2 at once" in first.stdout
+    assert "6 of 6 runs in 4 tasks, at most 2 at once" in first.stdout  # folds 1 and 2 train together
     failed = json.loads((out / "slurm/failed.json").read_text())
     assert sorted((t["seed"], t["fold"]) for t in failed) == [(7, 9), (42, 9)]
     assert all("no val samples" in Path(t["log"]).read_text() for t in failed)  # the log named for each says why
-    assert "2 of 4 runs failed" in first.stderr and not (out / "results.md").exists()
+    assert "2 of 6 runs failed" in first.stderr and not (out / "results.md").exists()
 
     write_tiny_shards(labeled, 80, 2, seed=0, speakers=SPEAKERS, class_signal=3.0)  # the data, fixed
     second = _memobert(*args)
-    assert "2 of 4 runs" in second.stdout  # only the failed ones went to Slurm again
+    assert "2 of 6 runs in 2 tasks" in second.stdout  # only the failed ones went to Slurm again
     assert not (out / "slurm/failed.json").exists()
     table = (out / "results.md").read_text()
-    assert "| Direct |" in table and "folds 1, 9 of 10 (partial)" in table and "seeds 42, 7" in table
+    assert "| Direct |" in table and "folds 1, 2, 9 of 10 (partial)" in table and "seeds 42, 7" in table
     runs = {p.relative_to(out / "runs").as_posix() for p in (out / "runs").rglob("fold*.json")}
-    assert runs == {f"direct/seed{s}/fold{f}.json" for s in (42, 7) for f in (1, 9)}
-    assert "all 4 runs were done" in _memobert(*args).stdout  # a third submission has nothing to run
+    assert runs == {f"direct/seed{s}/fold{f}.json" for s in (42, 7) for f in (1, 2, 9)}
+    assert [json.loads((out / f"runs/direct/seed7/fold{f}.json").read_text())["trained_with_folds"] for f in (1, 2, 9)] == [
+        [1, 2], [1, 2], [9]]
+    assert "all 6 runs were done" in _memobert(*args).stdout  # a third submission has nothing to run
 
 
 @pytest.mark.slow
