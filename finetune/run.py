@@ -107,8 +107,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     cfg = resolve_precision(cfg, cuda=_device(cfg).type == "cuda")
     out = Path(cfg.out_dir)
     check_and_save_config(out, cfg)
-    folds = {f.index: f for f in folds_for(cfg.data.protocol)}
-    grid = [(s, seed, f) for s in cfg.settings for seed in cfg.seeds for f in cfg.fold_numbers]
+    grid = run_grid(cfg)
     pending = []
     for setting, seed, fold in grid:
         path = run_path(out, setting, seed, fold)
@@ -119,7 +118,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if pending:
         needs_checkpoint = bool(cfg.checkpoint) and any(s in CHECKPOINT_SETTINGS for s, _, _ in pending)
         ctx = _context(cfg, needs_checkpoint=needs_checkpoint)
-        units = trainings(pending, folds)
+        units = trainings(pending, cfg.data.protocol)
         for i, (setting, seed, unit) in enumerate(units, 1):
             log.info("run %d/%d: %s seed %d fold %s", i, len(units), setting, seed, " and ".join(str(f.index) for f in unit))
             for fold, record in zip(unit, run_folds(setting, seed, unit, cfg, ctx)):
@@ -183,8 +182,15 @@ def shares_training(setting: str) -> bool:
     return setting not in BASELINE_SETTINGS and setting != PROBE
 
 
-def trainings(pending: list[tuple[str, int, int]], folds: dict[int, Fold]) -> list[tuple[str, int, list[Fold]]]:
-    """The pending (setting, seed, fold) runs grouped into trainings, in order: folds share one where they can."""
+def run_grid(cfg: FinetuneConfig) -> list[tuple[str, int, int]]:
+    """Every (setting, seed, fold) run the config asks for, in the report's order."""
+    return [(s, seed, f) for s in cfg.settings for seed in cfg.seeds for f in cfg.fold_numbers]
+
+
+def trainings(pending: list[tuple[str, int, int]], protocol: str) -> list[tuple[str, int, list[Fold]]]:
+    """The pending (setting, seed, fold) runs of a protocol grouped into trainings, in order: folds share one
+    where they can."""
+    folds = {f.index: f for f in folds_for(protocol)}
     units: dict[tuple[Any, ...], tuple[str, int, list[Fold]]] = {}
     for setting, seed, index in pending:
         fold = folds[index]

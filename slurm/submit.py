@@ -201,8 +201,7 @@ class FinetuneReport:
 def submit_finetune(cfg: FinetuneConfig, profile: SlurmProfile, *, dry_run: bool = False, command: str = "") -> Submitted:
     """A job array over the (setting, seed, fold) runs not done yet, one task per training (paired folds share
     one), then a report job after all of them."""
-    from finetune.protocols import folds_for
-    from finetune.run import check_and_save_config, check_ready, resolve_precision, run_finetune, run_path, trainings
+    from finetune.run import check_and_save_config, check_ready, resolve_precision, run_finetune, run_grid, run_path, trainings
 
     check_ready(cfg)
     out = Path(cfg.out_dir).resolve()
@@ -215,10 +214,9 @@ def submit_finetune(cfg: FinetuneConfig, profile: SlurmProfile, *, dry_run: bool
     cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and task_profile.gpus_per_node > 0)
     cfg = resolve_precision(replace(cfg, out_dir=str(out)), cuda=cuda)
     folder = out / "slurm"
-    grid = [(s, seed, f) for s in cfg.settings for seed in cfg.seeds for f in cfg.fold_numbers]
+    grid = run_grid(cfg)
     todo = [run for run in grid if not run_path(out, *run).is_file()]
-    folds = {f.index: f for f in folds_for(cfg.data.protocol)}
-    units = [(s, seed, [f.index for f in unit]) for s, seed, unit in trainings(todo, folds)]
+    units = [(s, seed, [f.index for f in unit]) for s, seed, unit in trainings(todo, cfg.data.protocol)]
     in_tasks = f"in {len(units)} task{'s' if len(units) != 1 else ''}"
     task_params = sbatch_parameters(task_profile, "memobert-finetune")
     # The report needs no GPU, little memory and little time; it starts when every array task ended, however.

@@ -341,16 +341,15 @@ def test_paired_folds_train_once_and_record_what_separate_runs_record(
 
 
 def test_trainings_pair_folds_only_where_the_training_is_the_same() -> None:
-    folds = {f.index: f for f in iemocap_folds()}
     pending = [("direct", 42, 1), ("direct", 42, 2), ("direct", 42, 3), ("direct", 7, 2), ("direct", 7, 1),
                ("m3er", 42, 1), ("m3er", 42, 2), ("probe", 42, 1), ("probe", 42, 2)]
-    units = [(setting, seed, [f.index for f in unit]) for setting, seed, unit in run.trainings(pending, folds)]
+    units = [(setting, seed, [f.index for f in unit]) for setting, seed, unit in run.trainings(pending, "iemocap")]
     assert units == [("direct", 42, [1, 2]), ("direct", 42, [3]), ("direct", 7, [2, 1]),
                      # M3ER fits its threshold on the validation speaker; the probe chooses C on it
                      ("m3er", 42, [1]), ("m3er", 42, [2]), ("probe", 42, [1]), ("probe", 42, [2])]
     # The authors' MSP-IMPROV folds validate on the test speaker, so no two share their training speakers.
-    all_but_test = {f.index: f for f in folds_for("msp_improv_11to1")}
-    assert all(len(unit) == 1 for _, _, unit in run.trainings([("direct", 0, i) for i in all_but_test], all_but_test))
+    all_but_test = [("direct", 0, f.index) for f in folds_for("msp_improv_11to1")]
+    assert all(len(unit) == 1 for _, _, unit in run.trainings(all_but_test, "msp_improv_11to1"))
 
 
 def test_report_aggregates_folds_then_seeds(tmp_path: Path) -> None:
