@@ -14,11 +14,12 @@ on the labeled shards. Writes OUT/learning.json:
   probe_uar       the probe setting's text / audio / visual UAR (logistic regressions on pooled shard features)
   settings        per setting: fused uar and wa, and subsets (UAR per modality subset, "T" ... "T+A+V")
   label_fraction  {"0.1" | "0.3" | "1.0": {setting: fused uar}} for direct, pretrain_finetune, pretrain_prompt
-  seeds, fraction_seeds, folds, scale, generator_seed, seconds (per stage), and the configs' overrides
+  seeds, fraction_seeds, folds, scale, labeled_scale, generator_seed, seconds (per stage), the configs' overrides
 Every score is finetune's: mean over folds per seed, then mean over seeds. A table is printed at the end.
 
     PYTHONPATH=. .venv/bin/python benchmarks/learning.py --seed 7 --scale small --out runs/learning
-        [--seeds "[42]"] [--fraction-seeds "[42,43,44,45,46]"] [--folds "[]"] [--settings direct,...]
+        [--labeled-scale 1] [--seeds "[42]"] [--fraction-seeds "[42,43,44,45,46]"] [--folds "[]"]
+        [--settings direct,...]
         [--pretrain-steps 1500] [--fer-epochs 15]
         [--audio-steps 1000] [--pretrain-override KEY=VALUE ...] [--face-fps 5] [FINETUNE_KEY=VALUE ...]
 
@@ -152,7 +153,8 @@ def table(result: dict[str, Any]) -> str:
     """The printed summary: ceilings, ASD, probes, settings by modality subset, the label-fraction curve."""
     pct = lambda v: f"{100 * v:6.2f}"  # noqa: E731
     ceil = result["ceilings"]
-    lines = [f"scale {result['scale']}, generator seed {result['generator_seed']}, seeds {result['seeds']}, "
+    labeled = f" (labeled part x{result['labeled_scale']})" if result["labeled_scale"] != 1 else ""
+    lines = [f"scale {result['scale']}{labeled}, generator seed {result['generator_seed']}, seeds {result['seeds']}, "
              f"folds {result['folds']}; UAR in %",
              "ceilings (Bayes, accuracy / UAR): " + ", ".join(
                  f"{m} {pct(ceil['accuracy'][m]).strip()} / {pct(ceil['uar'][m]).strip()}" for m in ceil["accuracy"]),
@@ -193,6 +195,7 @@ class Stages:
         with self.timed("synth"):
             if not (corpus / "synth_summary.json").is_file():
                 generate_corpus(corpus, SynthConfig(seed=self.args.seed, scale=self.args.scale,
+                                                    labeled_scale=self.args.labeled_scale,
                                                     parts=["movies", "iemocap", "ferplus"]))
         return corpus
 
@@ -263,7 +266,7 @@ class Stages:
     def finetune(self, name: str, shards: Path, model: Path, settings: Sequence[str], fraction: str,
                  seeds: str) -> list[dict]:
         from finetune.config import FinetuneConfig
-        from finetune.run import run_finetune, run_path
+        from finetune.run import run_finetune, run_grid, run_path
         from memobert.config import load_config
 
         cfg = load_config(FinetuneConfig, [CONFIGS / "finetune/demo_cpu.yaml"], [
@@ -272,14 +275,15 @@ class Stages:
             f"data.label_fraction={fraction}", *self.args.overrides])
         with self.timed(name):
             run_finetune(cfg)
-        return [json.loads(run_path(cfg.out_dir, s, seed, f).read_text())
-                for s in cfg.settings for seed in cfg.seeds for f in cfg.fold_numbers]
+        return [json.loads(run_path(cfg.out_dir, *run).read_text()) for run in run_grid(cfg)]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, required=True, help="the generator's seed (not one the tests use)")
     parser.add_argument("--scale", default="small", choices=("tiny", "small", "medium"))
+    parser.add_argument("--labeled-scale", type=int, default=1,
+                        help="this many times the scale's labeled IEMOCAP dialogs, beside the same movies and FER+")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", default="[42]", help="finetuning seeds, e.g. [42,1234]")
     # At 10% labels a fold trains on ~37 utterances: one seed's five-fold mean moves by ~3 UAR points between
@@ -324,7 +328,8 @@ def main() -> None:
     run = {"seeds": sorted({r["seed"] for r in records}),
            "fraction_seeds": sorted({r["seed"] for runs in fractions.values() for r in runs}),
            "folds": sorted({r["fold"] for r in records}),
-           "scale": args.scale, "generator_seed": args.seed, "pretrain_steps": args.pretrain_steps,
+           "scale": args.scale, "labeled_scale": args.labeled_scale, "generator_seed": args.seed,
+           "pretrain_steps": args.pretrain_steps,
            "pretrain_overrides": args.pretrain_override,
            "audio_steps": args.audio_steps,
            "finetune_overrides": args.overrides, "seconds": stages.seconds}

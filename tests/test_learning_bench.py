@@ -90,12 +90,12 @@ def test_learning_json_has_every_key(bench) -> None:
     settings = [r for i, s in enumerate(bench.SETTINGS) for r in _records(s, 0.3 + 0.05 * i)]
     fractions = {"0.1": [r for s in bench.FRACTION_SETTINGS for r in _records(s, 0.3)],
                  "0.3": [r for s in bench.FRACTION_SETTINGS for r in _records(s, 0.4)]}
-    run = {"seeds": [42], "fraction_seeds": [42, 43], "folds": [1, 2], "scale": "tiny", "generator_seed": 7,
-           "seconds": {"synth": 1.0}}
+    run = {"seeds": [42], "fraction_seeds": [42, 43], "folds": [1, 2], "scale": "tiny", "labeled_scale": 3,
+           "generator_seed": 7, "seconds": {"synth": 1.0}}
     result = bench.assemble(ceilings, {"accuracy": 0.9, "with_face": 10, "utterances": 11}, _records("probe", 0.6),
                             settings, fractions, run)
     assert {"ceilings", "asd_accuracy", "probe_uar", "settings", "label_fraction", "seeds", "folds", "scale",
-            "seconds"} <= set(result)
+            "labeled_scale", "seconds"} <= set(result)
     assert set(result["ceilings"]["accuracy"]) == {"text", "audio", "visual", "fused"}
     assert result["asd_accuracy"] == 0.9
     assert result["probe_uar"] == pytest.approx({"text": 0.6, "audio": 0.6, "visual": 0.6})
@@ -113,7 +113,7 @@ def test_learning_json_has_every_key(bench) -> None:
     json.dumps(result)  # learning.json is plain JSON
     text = bench.table(result)
     assert "pretrain_finetune" in text and "T+A+V" in text and "label fraction" in text
-    assert "seeds [42, 43]" in text
+    assert "seeds [42, 43]" in text and "scale tiny (labeled part x3)" in text
 
 
 def test_fraction_seeds_default_to_the_finetuning_seeds(bench) -> None:

@@ -126,6 +126,22 @@ def test_config_loads_through_the_project_loader_and_rejects_bad_values() -> Non
         load_config(SynthConfig, overrides=["parts=movies,imdb"])
     with pytest.raises(ConfigError, match="scale"):
         load_config(SynthConfig, overrides=["scale=huge"])
+    with pytest.raises(ConfigError, match="labeled_scale"):
+        load_config(SynthConfig, overrides=["labeled_scale=0"])
+
+
+def test_labeled_scale_adds_labeled_dialogs_beside_the_same_ones(synth_corpus: Path, tmp_path: Path) -> None:
+    small, tripled = SIZES["small"], SIZES["small"].labeled_times(3)
+    assert tripled.iemocap_dialogs == (12, 12, 12, 12, 12) and tripled.msp_per_speaker == 3 * small.msp_per_speaker
+    assert (tripled.movies, tripled.movie_seconds, tripled.ferplus_rows) == (small.movies, small.movie_seconds,
+                                                                           small.ferplus_rows)
+    summary = generate_corpus(tmp_path / "corpus", SynthConfig(seed=0, labeled_scale=2, parts=["iemocap"]))
+    assert summary.counts["iemocap_dialogs"] == 2 * sum(SIZES["tiny"].iemocap_dialogs)
+    assert json.loads((tmp_path / "corpus" / "synth_summary.json").read_text())["config"]["labeled_scale"] == 2
+    wavs = lambda corpus: {p.name for p in (corpus / "iemocap").glob("Session*/sentences/wav/*/*.wav")}  # noqa: E731
+    # The scale's own dialogs keep their names and turns; the labels are drawn anew over all turns.
+    assert wavs(synth_corpus) < wavs(tmp_path / "corpus")
+    assert len(wavs(tmp_path / "corpus")) == summary.counts["iemocap_turns"]
 
 
 def test_summary_counts_match_the_files(synth_corpus: Path) -> None:

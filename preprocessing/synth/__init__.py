@@ -61,7 +61,7 @@ def generate_corpus(out: Path, config: SynthConfig) -> CorpusSummary:
     out = Path(out)
     _clear(out, config.parts)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = SIZES[config.scale]
+    sizes = SIZES[config.scale].labeled_times(config.labeled_scale)
     quiet = not sys.stderr.isatty()
 
     def progress(items: Iterable, desc: str) -> Iterable:

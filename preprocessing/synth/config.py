@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from memobert.config import check
@@ -22,10 +22,14 @@ class SynthConfig:
     # The silent face shows a random expression during this share of the other face's cues, so a
     # pipeline that picks the wrong face gets noise, not the answer.
     listener_expression_prob: float = 0.5
+    # Draws this many times the scale's labeled part (IEMOCAP dialogs, MSP-IMPROV utterances per speaker)
+    # beside the same movies and FER+: tells a model short of labels from one short of pretraining.
+    labeled_scale: int = 1
     parts: list[str] = field(default_factory=lambda: list(PARTS))
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", "must be >= 0")
+        check(self.labeled_scale >= 1, "labeled_scale", "must be >= 1")
         for key in ("text_reliability", "audio_reliability", "face_reliability", "listener_expression_prob"):
             check(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
         unknown = [p for p in self.parts if p not in PARTS]
@@ -43,6 +47,11 @@ class Sizes:
     iemocap_turns: tuple[int, int]
     msp_per_speaker: int
     ferplus_rows: int
+
+    def labeled_times(self, times: int) -> Sizes:
+        """These sizes with `times` the labeled part: IEMOCAP dialogs per session, MSP-IMPROV utterances per speaker."""
+        return replace(self, iemocap_dialogs=tuple(n * times for n in self.iemocap_dialogs),
+                       msp_per_speaker=self.msp_per_speaker * times)
 
 
 SIZES: dict[str, Sizes] = {
