@@ -61,7 +61,12 @@ class SubsetFeatures:
     def __init__(self, data: FoldData) -> None:
         parts = {"train": data.train, "val": data.val, "test": data.test}
         width = 1 + max(int(u.tokens.max()) for utts in parts.values() for u in utts if len(u.tokens))
-        self.blocks: dict[str, dict[str, Features]] = {"t": {k: token_bag(v, width) for k, v in parts.items()}}
+        bags = {k: token_bag(v, width) for k, v in parts.items()}
+        # Only ids the training speakers use can get a weight (elsewhere the data's gradient is zero and the L2
+        # penalty keeps the weight at 0), so the other columns go: the solver's cost per iteration grows with
+        # the columns, ~25k for a BERT vocabulary against a few hundred ids in use.
+        in_train = np.unique(bags["train"].indices)
+        self.blocks: dict[str, dict[str, Features]] = {"t": {k: bag[:, in_train] for k, bag in bags.items()}}
         for modality in ("a", "v"):
             raw = {k: dense_block(v, modality) for k, v in parts.items()}
             scaler = StandardScaler().fit(raw["train"])

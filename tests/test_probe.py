@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from finetune.config import FinetuneConfig
-from finetune.probe import pooled, token_bag
+from finetune.data import FoldData
+from finetune.probe import SubsetFeatures, pooled, token_bag
 from finetune.protocols import iemocap_folds
 from finetune.run import run_finetune, run_path
 from helpers import write_tiny_shards
@@ -34,6 +36,30 @@ def test_pooled_features_and_the_token_bag() -> None:
                       visual=np.zeros((0, 2)), vprob=np.zeros((0, 2))) for k, t in (("a", [5, 7, 7, 9]), ("b", []))]
     bag = token_bag(utts, 10).toarray()
     assert np.allclose(bag[0], np.where(np.isin(np.arange(10), [5, 7, 9]), 1 / np.sqrt(3), 0)) and not bag[1].any()
+
+
+def test_the_text_block_keeps_the_training_ids_and_predicts_as_the_whole_vocabulary_does() -> None:
+    rng = np.random.default_rng(0)
+
+    def utterance(label: int, ids: range) -> Utterance:
+        tokens = np.concatenate([[100 + label], rng.choice(ids, 6)])  # the class's word and noise words
+        return Utterance(key="", meta={"label": label}, tokens=tokens, words=np.arange(7), audio=np.zeros((0, 2)),
+                         visual=np.zeros((0, 2)), vprob=np.zeros((0, 2)))
+
+    # Validation and test speakers also use ids no training utterance has (300-399): they cannot get a weight.
+    data = FoldData(train=[utterance(i % 4, range(200, 260)) for i in range(80)],
+                    val=[utterance(i % 4, range(200, 400)) for i in range(20)],
+                    test=[utterance(i % 4, range(200, 400)) for i in range(20)])
+    compact = SubsetFeatures(data).blocks["t"]
+    in_train = np.unique(np.concatenate([u.tokens for u in data.train]))
+    assert compact["train"].shape[1] == len(in_train) == compact["test"].shape[1]
+    full = {part: token_bag(getattr(data, part), 400) for part in ("train", "test")}
+    labels = [u.meta["label"] for u in data.train]
+    narrow = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(compact["train"], labels)
+    wide = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(full["train"], labels)
+    assert not wide.coef_[:, np.setdiff1d(np.arange(400), in_train)].any()  # exactly 0 off the training ids
+    assert np.allclose(wide.coef_[:, in_train], narrow.coef_, atol=1e-4)
+    assert (wide.predict(full["test"]) == narrow.predict(compact["test"])).all()
 
 
 def test_the_probe_finds_the_modality_that_carries_the_class(tmp_path: Path, audio_only_shards: Path) -> None:
