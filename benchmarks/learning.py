@@ -278,12 +278,28 @@ class Stages:
         return [json.loads(run_path(cfg.out_dir, *run).read_text()) for run in run_grid(cfg)]
 
 
+def pass_scaled_schedule(labeled_scale: int) -> list[str]:
+    """Finetune overrides that keep the demo config's schedule in passes over a fold's training speakers when the
+    labeled part is `labeled_scale` times larger (its step counts are sized for ~370 training utterances)."""
+    from finetune.config import FinetuneConfig
+    from memobert.config import load_config
+
+    if labeled_scale == 1:
+        return []
+    cfg = load_config(FinetuneConfig, [CONFIGS / "finetune/demo_cpu.yaml"])
+    scaled = {"train.steps": cfg.train.steps, "train.direct_steps": cfg.train.direct_steps,
+              "train.val_every": cfg.train.val_every, "train.warmup_steps": cfg.train.warmup_steps,
+              "prompt.warmup_steps": cfg.prompt.warmup_steps}
+    return [f"{key}={value * labeled_scale}" for key, value in scaled.items()]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, required=True, help="the generator's seed (not one the tests use)")
     parser.add_argument("--scale", default="small", choices=("tiny", "small", "medium"))
     parser.add_argument("--labeled-scale", type=int, default=1,
-                        help="this many times the scale's labeled IEMOCAP dialogs, beside the same movies and FER+")
+                        help="this many times the scale's labeled IEMOCAP dialogs, beside the same movies and FER+; "
+                             "finetuning's steps, validation interval and warm-ups scale with it (same passes)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", default="[42]", help="finetuning seeds, e.g. [42,1234]")
     # At 10% labels a fold trains on ~37 utterances: one seed's five-fold mean moves by ~3 UAR points between
@@ -306,6 +322,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="finetune config overrides (KEY=VALUE) for every finetune run")
     args = parser.parse_args(argv)
     args.fraction_seeds = args.fraction_seeds or args.seeds
+    args.overrides = pass_scaled_schedule(args.labeled_scale) + args.overrides  # the user's come last and win
     return args
 
 

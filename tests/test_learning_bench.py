@@ -121,3 +121,11 @@ def test_fraction_seeds_default_to_the_finetuning_seeds(bench) -> None:
     assert bench.parse_args([*base, "--seeds", "[1,2]"]).fraction_seeds == "[1,2]"
     args = bench.parse_args([*base, "--fraction-seeds", "[42,43,44]", "train.lr=1e-3"])
     assert (args.seeds, args.fraction_seeds, args.overrides) == ("[42]", "[42,43,44]", ["train.lr=1e-3"])
+
+
+def test_a_larger_labeled_part_keeps_the_finetuning_schedule_in_passes(bench) -> None:
+    assert bench.parse_args(["--seed", "8", "--out", "x"]).overrides == []
+    args = bench.parse_args(["--seed", "8", "--out", "x", "--labeled-scale", "3", "train.steps=100"])
+    # configs/finetune/demo_cpu.yaml: 240 steps (direct 320), validated every 16, the prompt's warm-up 16
+    assert args.overrides == ["train.steps=720", "train.direct_steps=960", "train.val_every=48",
+                              "train.warmup_steps=0", "prompt.warmup_steps=48", "train.steps=100"]
