@@ -201,7 +201,8 @@ class FinetuneReport:
 def submit_finetune(cfg: FinetuneConfig, profile: SlurmProfile, *, dry_run: bool = False, command: str = "") -> Submitted:
     """A job array over the (setting, seed, fold) runs not done yet, one task per training (paired folds share
     one), then a report job after all of them."""
-    from finetune.run import check_and_save_config, check_ready, resolve_precision, run_finetune, run_grid, run_path, trainings
+    from finetune.run import (check_and_save_config, check_ready, resolve_precision, run_finetune, run_grid, run_path,
+                              trainings)
 
     check_ready(cfg)
     out = Path(cfg.out_dir).resolve()
