@@ -63,14 +63,14 @@ def run(engine_step, model, data, cfg, device, dtype, steps: int, warmup: int) -
     return (time.perf_counter() - start) / steps
 
 
-def model_and_optimizer(cfg: PretrainConfig, vocab_size: int, device: torch.device,
-                        compile_layers: bool) -> tuple[MEmoBERT, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def model_and_optimizer(cfg: PretrainConfig, vocab_size: int, device: torch.device, compile_layers: bool,
+                        fused: bool) -> tuple[MEmoBERT, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The same initial weights, AdamW and schedule for both loops."""
     torch.manual_seed(0)
     model = MEmoBERT.from_config(cfg.model, vocab_size=vocab_size).to(device)
     if compile_layers:
         model.compile_layers()
-    opt = build_optimizer(model, cfg.optim, fused=device.type == "cuda")
+    opt = build_optimizer(model, cfg.optim, fused=fused)
     return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
 
 
@@ -78,7 +78,7 @@ def time_plain_loop(cfg: PretrainConfig, data: list[Batch], device: torch.device
                     args: argparse.Namespace) -> float:
     """Seconds per step of plain PyTorch: fp32 weights, bf16 autocast on GPU, the same optimizer, schedule and
     clipping. A function of its own so that its model and optimizer are freed before DeepSpeed's are built."""
-    plain, opt, sched = model_and_optimizer(cfg, vocab_size, device, args.compile)
+    plain, opt, sched = model_and_optimizer(cfg, vocab_size, device, args.compile, args.adamw == "fused")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def plain_step(loss: torch.Tensor, last: bool) -> None:
@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--vocab", default=None, help="vocab folder to record in the shards' manifest")
     parser.add_argument("--compile", action="store_true", help="compile the encoder layers of both models (train.compile)")
+    parser.add_argument("--adamw", choices=("fused", "for-loop"), default="fused",
+                        help="torch AdamW's implementation in both loops (training builds the fused one)")
     args = parser.parse_args()
 
     use_cuda = torch.cuda.is_available()
@@ -127,7 +129,7 @@ def main() -> None:
     import deepspeed
 
     init_distributed()
-    model, opt, sched = model_and_optimizer(cfg, ids.vocab_size, device, args.compile)
+    model, opt, sched = model_and_optimizer(cfg, ids.vocab_size, device, args.compile, args.adamw == "fused")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, bf16=use_cuda))
 
@@ -139,7 +141,7 @@ def main() -> None:
     samples = cfg.train.micro_batch * cfg.train.grad_accum
     print(f"device {torch.cuda.get_device_name() if use_cuda else 'cpu'} ({os.cpu_count()} cores), flavor {args.flavor}, "
           f"micro-batch {args.micro_batch} x accumulation {args.grad_accum}, {'bf16' if use_cuda else 'fp32'}"
-          f"{', compiled encoder layers' if args.compile else ''}")
+          f"{', compiled encoder layers' if args.compile else ''}, {args.adamw} AdamW")
     print(f"plain PyTorch AdamW loop: {plain_s * 1000:8.1f} ms/step  {samples / plain_s:8.1f} samples/s")
     print(f"DeepSpeed engine (ZeRO {cfg.train.zero_stage}): {ds_s * 1000:8.1f} ms/step  {samples / ds_s:8.1f} samples/s")
     print(f"ratio DeepSpeed / plain: {ds_s / plain_s:.3f}")

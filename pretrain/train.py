@@ -74,7 +74,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if cfg.train.zero_stage == 3:
         for module, param in model.borrowed_parameters():
             deepspeed.zero.register_external_parameter(module, param)
-    optimizer = build_optimizer(model, cfg.optim, fused=use_cuda)
+    optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.optim.warmup_steps, cfg.train.steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16)
@@ -388,8 +388,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """The recipe's AdamW: lr, betas, eps and weight decay from `optim`, no decay on biases and LayerNorms."""
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool = True) -> torch.optim.AdamW:
+    """The recipe's AdamW: lr, betas, eps and weight decay from `optim`, no decay on biases and LayerNorms.
+    Fused on a CPU as well, where torch's default is the for-loop one (a small kernel per tensor and operation)."""
     return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
                              fused=fused)
 

@@ -419,6 +419,7 @@ def test_optimizer_is_the_authors_adamw() -> None:
     model = MEmoBERT.from_config(ModelConfig(flavor="tiny"))
     optimizer = build_optimizer(model, OptimConfig())
     assert optimizer.defaults["eps"] == 1e-6 and optimizer.defaults["betas"] == (0.9, 0.98)
+    assert optimizer.defaults["fused"]  # on a CPU too (docs/benchmarks.md: the for-loop one is slower)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
