@@ -63,14 +63,14 @@ def run(engine_step, model, data, cfg, device, dtype, steps: int, warmup: int) -
     return (time.perf_counter() - start) / steps
 
 
-def model_and_optimizer(cfg: PretrainConfig, vocab_size: int, device: torch.device, compile_layers: bool,
-                        fused: bool) -> tuple[MEmoBERT, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The same initial weights, AdamW and schedule for both loops."""
+def model_and_optimizer(cfg: PretrainConfig, vocab_size: int, device: torch.device, args: argparse.Namespace
+                        ) -> tuple[MEmoBERT, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The same initial weights, AdamW (args.adamw) and schedule for both loops; args.compile compiles the layers."""
     torch.manual_seed(0)
     model = MEmoBERT.from_config(cfg.model, vocab_size=vocab_size).to(device)
-    if compile_layers:
+    if args.compile:
         model.compile_layers()
-    opt = build_optimizer(model, cfg.optim, fused=fused)
+    opt = build_optimizer(model, cfg.optim, fused=args.adamw == "fused")
     return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10, 100000))
 
 
@@ -78,7 +78,7 @@ def time_plain_loop(cfg: PretrainConfig, data: list[Batch], device: torch.device
                     args: argparse.Namespace) -> float:
     """Seconds per step of plain PyTorch: fp32 weights, bf16 autocast on GPU, the same optimizer, schedule and
     clipping. A function of its own so that its model and optimizer are freed before DeepSpeed's are built."""
-    plain, opt, sched = model_and_optimizer(cfg, vocab_size, device, args.compile, args.adamw == "fused")
+    plain, opt, sched = model_and_optimizer(cfg, vocab_size, device, args)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def plain_step(loss: torch.Tensor, last: bool) -> None:
@@ -129,7 +129,7 @@ def main() -> None:
     import deepspeed
 
     init_distributed()
-    model, opt, sched = model_and_optimizer(cfg, ids.vocab_size, device, args.compile, args.adamw == "fused")
+    model, opt, sched = model_and_optimizer(cfg, ids.vocab_size, device, args)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, bf16=use_cuda))
 
