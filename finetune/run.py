@@ -10,10 +10,10 @@ skips the runs whose JSON exists.
 
 Folds that share their training speakers (IEMOCAP's and MSP-IMPROV's pairs: one speaker tests while the
 other of the session validates, then they swap) train the same model under the same seed, so a setting
-without a fit-time hook trains once for both: every validation scores each fold's validation speaker,
-each fold keeps its own best weights and patience, and training goes on until the last fold stops. The
-records are the ones two separate runs write; the trajectory never depends on a validation, so one fold's
-test speaker, validating its partner, cannot reach its own selection.
+whose fit-time hook reads no validation speaker (all but M3ER) trains once for both: every validation
+scores each fold's validation speaker, each fold keeps its own best weights and patience, and training
+goes on until the last fold stops. The records are the ones two separate runs write; the trajectory never
+depends on a validation, so one fold's test speaker, validating its partner, cannot reach its own selection.
 
 No DeepSpeed downstream: a fold is a few thousand utterances and a BERT-base model fits one device many
 times over, so there is nothing to shard or accumulate; a plain loop on one device keeps model selection
@@ -176,10 +176,10 @@ def resolve_precision(cfg: FinetuneConfig, cuda: bool) -> FinetuneConfig:
 def shares_training(setting: str) -> bool:
     """Whether folds with the same training speakers and seed train the same model in this setting.
 
-    Not the baselines, whose fit-time hook may read the validation speaker (M3ER's threshold), nor the
-    seconds-cheap probe.
+    Not M3ER, whose fit-time hook chooses its threshold on the validation speaker, so a fold pair's two
+    trainings differ, nor the seconds-cheap probe. MFN's hook reads the training speakers only.
     """
-    return setting not in BASELINE_SETTINGS and setting != PROBE
+    return setting not in ("m3er", PROBE)
 
 
 def run_grid(cfg: FinetuneConfig) -> list[tuple[str, int, int]]:
@@ -282,7 +282,7 @@ def train_model(
         raise ValueError(f"folds {[f.index for f in folds]} do not share their training samples: train them apart")
     torch.manual_seed(seed)  # classifier / random init and dropout follow the seed
     model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
-    if isinstance(model, FitsOnData) and len(folds) > 1:
+    if len(folds) > 1 and not shares_training(setting):
         raise ValueError(f"{setting} fits on the validation speaker before training: its folds cannot share a training")
     fold, data = folds[0], datas[0]
     # The fit-time hook never reads the test speaker, not even under a protocol whose validation speaker is the

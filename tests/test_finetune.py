@@ -313,19 +313,21 @@ def test_paired_folds_train_once_and_record_what_separate_runs_record(
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(run, "train_step", counting_step)
-    settings = ["direct", "pretrain_prompt"]
+    settings = ["direct", "pretrain_prompt", "mfn"]  # MFN: a fit-time hook on the training speakers only
 
     def finetune(out: Path, folds: str) -> int:
         steps["n"] = 0
         overrides = [f"data.shards={labeled_shards}", f"settings={','.join(settings)}", f"checkpoint={pretrained['run']}",
-                     "seeds=[42]", f"folds={folds}", f"out_dir={out}", *FAST, "train.patience=2"]
+                     "seeds=[42]", f"folds={folds}", f"out_dir={out}", *FAST, "train.patience=2",
+                     "mfn.word_embeddings=bundled", "mfn.cells=[8, 4, 4]", "mfn.memory=16"]
         run_finetune(load_config(FinetuneConfig, overrides=overrides))
         return steps["n"]
 
     with caplog.at_level(logging.INFO, logger="finetune.run"):
         paired_steps = finetune(tmp_path / "paired", "[1, 2]")
     assert [r.message for r in caplog.records if r.message.startswith("run ")] == [
-        "run 1/2: direct seed 42 fold 1 and 2", "run 2/2: pretrain_prompt seed 42 fold 1 and 2"]
+        "run 1/3: direct seed 42 fold 1 and 2", "run 2/3: pretrain_prompt seed 42 fold 1 and 2",
+        "run 3/3: mfn seed 42 fold 1 and 2"]
     separate_steps = finetune(tmp_path / "fold1", "[1]") + finetune(tmp_path / "fold2", "[2]")
     last_steps = {}
     for setting in settings:
@@ -342,9 +344,9 @@ def test_paired_folds_train_once_and_record_what_separate_runs_record(
 
 def test_trainings_pair_folds_only_where_the_training_is_the_same() -> None:
     pending = [("direct", 42, 1), ("direct", 42, 2), ("direct", 42, 3), ("direct", 7, 2), ("direct", 7, 1),
-               ("m3er", 42, 1), ("m3er", 42, 2), ("probe", 42, 1), ("probe", 42, 2)]
+               ("mfn", 42, 1), ("mfn", 42, 2), ("m3er", 42, 1), ("m3er", 42, 2), ("probe", 42, 1), ("probe", 42, 2)]
     units = [(setting, seed, [f.index for f in unit]) for setting, seed, unit in run.trainings(pending, "iemocap")]
-    assert units == [("direct", 42, [1, 2]), ("direct", 42, [3]), ("direct", 7, [2, 1]),
+    assert units == [("direct", 42, [1, 2]), ("direct", 42, [3]), ("direct", 7, [2, 1]), ("mfn", 42, [1, 2]),
                      # M3ER fits its threshold on the validation speaker; the probe chooses C on it
                      ("m3er", 42, [1]), ("m3er", 42, [2]), ("probe", 42, [1]), ("probe", 42, [2])]
     # The authors' MSP-IMPROV folds validate on the test speaker, so no two share their training speakers.
