@@ -306,8 +306,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # seeds, and these runs are cheap (~2 minutes a seed on 2 cores, where the full table's are ~20).
     parser.add_argument("--fraction-seeds", default=None,
                         help="finetuning seeds of the 0.1 and 0.3 label-fraction runs (default: --seeds)")
-    # All ten: the four settings train once per session (its two folds share the training speakers), so ten
-    # folds cost about what five did and test twice the utterances; only the baselines and the probe pay per fold.
+    # All ten: the four settings and MFN train once per session (its two folds share the training speakers), so
+    # ten folds cost about what five did and test twice the utterances; only M3ER and the probe pay per fold.
     parser.add_argument("--folds", default="[]", help="IEMOCAP folds, e.g. [1,4,5,8,9]; [] = all 10")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="the settings table's settings (comma-separated)")
     # The stage budgets default to the demo's (memobert/demo.py says why each is what it is).
