@@ -280,10 +280,10 @@ def train_model(
     train_keys = [u.key for u in datas[0].train]
     if any([u.key for u in data.train] != train_keys for data in datas[1:]):
         raise ValueError(f"folds {[f.index for f in folds]} do not share their training samples: train them apart")
-    torch.manual_seed(seed)  # classifier / random init and dropout follow the seed
-    model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
     if len(folds) > 1 and not shares_training(setting):
         raise ValueError(f"{setting} fits on the validation speaker before training: its folds cannot share a training")
+    torch.manual_seed(seed)  # classifier / random init and dropout follow the seed
+    model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
     fold, data = folds[0], datas[0]
     # The fit-time hook never reads the test speaker, not even under a protocol whose validation speaker is the
     # test speaker (msp_improv_11to1): there the training speakers stand in for validation (M3ER's threshold).
