@@ -40,6 +40,25 @@ def scores(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> di
     }
 
 
+def uar_test_se(matrix: np.ndarray, support: Sequence[int]) -> float:
+    """Standard error of one test set's UAR from its test utterances alone, the trained model held fixed.
+
+    Each class's recall is a binomial proportion over that class's `support` test utterances (the confusion
+    rows can hold fewer: NOT_A_CLASS predictions), so Var(UAR) = sum_c r_c (1 - r_c) / n_c / C^2 over the C
+    classes present.
+    """
+    support = np.asarray(support, np.float64)
+    present = support > 0
+    recall = np.diag(np.asarray(matrix, np.float64))[present] / support[present]
+    return float(np.sqrt(np.sum(recall * (1 - recall) / support[present])) / present.sum())
+
+
+def fold_mean_se(per_fold: dict[int, list[float]]) -> float:
+    """{seed: [test SE of each fold]} -> the SE of each seed's fold mean (the folds test different speakers, so
+    their errors are independent), averaged over seeds (every seed tests the same utterances)."""
+    return float(np.mean([np.sqrt(np.sum(np.square(ses))) / len(ses) for _, ses in sorted(per_fold.items())]))
+
+
 @dataclass(frozen=True)
 class Summary:
     mean: float

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from finetune.metrics import Summary, aggregate
+from finetune.metrics import Summary, aggregate, fold_mean_se, uar_test_se
 from finetune.protocols import CLASSES, TEST_SELECTED, folds_for
 
 if TYPE_CHECKING:
@@ -60,6 +60,17 @@ def summarize(records: Sequence[dict[str, Any]], setting: str, subset: str = "ta
     return {metric: aggregate(dict(per_seed[metric])) for metric in METRICS}
 
 
+def uar_se(records: Sequence[dict[str, Any]], setting: str) -> float:
+    """The setting's UAR standard error from its test utterances alone (finetune.metrics.fold_mean_se)."""
+    per_seed: dict[int, list[float]] = defaultdict(list)
+    for record in records:
+        if record["setting"] == setting:
+            # Records written before runs stored their support: the confusion rows (short only by NOT_A_CLASS).
+            support = record.get("support") or np.sum(record["confusion"], 1)
+            per_seed[record["seed"]].append(uar_test_se(np.array(record["confusion"]), support))
+    return fold_mean_se(dict(per_seed))
+
+
 def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str, Any]]) -> Path:
     """Write the tables, CSVs and confusion PNGs under out_dir; returns results.md."""
     out_dir = Path(out_dir)
@@ -80,12 +91,16 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
         label_fraction_text(cfg.data.label_fraction),
         selection_text(cfg.data.protocol),
         "Mean over folds per seed, then mean ± std over seeds, in %; std is the sample standard deviation over "
-        "seeds (ddof=1), as papers report it (none with a single seed).",
+        "seeds (ddof=1), as papers report it (none with a single seed). UAR SE (test): the UAR's standard error "
+        "from the sample of test utterances alone (each class's recall a binomial proportion, folds independent, "
+        "mean over seeds): how far the UAR would move on as many other test utterances, the trained models held "
+        "fixed; seeds add their own spread (the std).",
         "",
-        "| Setting | WA | UAR | WF1 |",
-        "|---|---|---|---|",
+        "| Setting | WA | UAR | WF1 | UAR SE (test) |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {SETTING_NAMES[s]} | " + " | ".join(_pm(full[s][m]) for m in METRICS) + " |" for s in settings]
+    lines += [f"| {SETTING_NAMES[s]} | " + " | ".join(_pm(full[s][m]) for m in METRICS)
+              + f" | {100 * uar_se(records, s):.2f} |" for s in settings]
     notes = text_model_notes(records, settings)
     if "pretrain_prompt" in settings:
         notes.append(prompt_scoring_note(cfg.prompt.scoring, records))

@@ -266,6 +266,7 @@ def _record(setting: str, seed: int, fold: Fold, data: FoldData, outcome: Outcom
         # The prompt's vocab scoring: test predictions that were no label word (counted wrong).
         "not_a_class": int((pred == NOT_A_CLASS).sum()),
         "confusion": full["confusion"],
+        "support": np.bincount(y_test, minlength=len(CLASSES)).tolist(),  # test utterances per class
         "num_predictions": len(predictions),
         "predictions": predictions,
         "missing_modalities": evaluated,

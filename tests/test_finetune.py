@@ -26,7 +26,7 @@ from finetune.data import MODALITY_SUBSETS, batches, feature_dims, keep_modaliti
 from finetune.metrics import NOT_A_CLASS, scores
 from finetune.prompt import Template, insert_template, label_word_scores, vocab_predictions
 from finetune.protocols import CLASSES, folds_for, iemocap_folds, msp_improv_folds
-from finetune.report import SETTING_NAMES, write_report
+from finetune.report import SETTING_NAMES, uar_se, write_report
 import finetune.run as run
 from finetune.run import (
     Context,
@@ -265,6 +265,7 @@ def test_every_setting_beats_chance_and_a_rerun_skips(
         assert record["scores"]["uar"] > 0.5, (setting, record["scores"])  # chance is 0.25
         assert set(record["missing_modalities"]) == set(MODALITY_SUBSETS) - {"tav"}
         assert np.asarray(record["confusion"]).sum() == 16
+        assert record["support"] == np.asarray(record["confusion"]).sum(1).tolist()  # every prediction is a class
         assert (out / "confusion" / f"{setting}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bert = json.loads(run_path(out, "bert_direct", 42, 1).read_text())["text_model"]
     assert bert == {"folder": str(tiny_bert), "name": "tiny_bert", "layers": 1, "hidden": 32}
@@ -273,7 +274,7 @@ def test_every_setting_beats_chance_and_a_rerun_skips(
     md = (out / "results.md").read_text()
     assert md in result.stdout
     assert "BERT+Direct starts from tiny_bert (layers 1, hidden 32) (the paper's: bert-base-uncased, layers 12, hidden 768)." in md
-    assert "| Setting | WA | UAR | WF1 |" in md and "| Setting | T | A | V | T+A | T+V | A+V | T+A+V |" in md
+    assert "| Setting | WA | UAR | WF1 | UAR SE (test) |" in md and "| Setting | T | A | V | T+A | T+V | A+V | T+A+V |" in md
     assert "std is the sample standard deviation over seeds (ddof=1)" in md
     missed = json.loads(run_path(out, "pretrain_prompt", 42, 1).read_text())["not_a_class"]
     assert (f"Pretrain+Prompt predicts the argmax over the whole vocabulary at [MASK], as the authors score it: a word "
@@ -364,7 +365,8 @@ def test_report_aggregates_folds_then_seeds(tmp_path: Path) -> None:
                         "missing_modalities": {s: {"scores": scores} for s in MODALITY_SUBSETS if s != "tav"}})
     cfg = load_config(FinetuneConfig, overrides=["settings=direct", "seeds=[42, 1234]", "folds=[1, 2]"])
     md = write_report(tmp_path, cfg, records).read_text()
-    assert "| Direct | 50.00 ± 0.00 | 65.00 ± 7.07 | 40.00 ± 0.00 |" in md  # sample std (ddof=1) of 0.6 and 0.7
+    # Sample std (ddof=1) of 0.6 and 0.7; every test recall is 1 (identity confusions), so no test-sample error.
+    assert "| Direct | 50.00 ± 0.00 | 65.00 ± 7.07 | 40.00 ± 0.00 | 0.00 |" in md
     assert "folds 1, 2 of 10 (partial); seeds 42, 1234" in md
     assert "starts from" not in md and "word embeddings from" not in md  # direct starts from no text model
     assert md.startswith("# Finetuning results: iemocap\n") and "test-selected" not in md
@@ -391,6 +393,13 @@ def test_report_aggregates_folds_then_seeds(tmp_path: Path) -> None:
     note = md.index("BERT+Direct starts from MiniLM-L6-H384-uncased (layers 6, hidden 384) (the paper's: bert-base-uncased, "
                     "layers 12, hidden 768). MFN takes its word embeddings from MiniLM-L6-H384-uncased (layers 6, hidden 384).")
     assert md.index("| MFN |") < note < md.index("## Missing modalities")  # under the main table
+
+
+def test_uar_se_counts_the_test_utterances_a_non_label_prediction_left_out_of_the_confusion() -> None:
+    # The prompt predicted a non-label word for half of each class: the confusion holds 1 of 2 utterances a class.
+    record = {"setting": "pretrain_prompt", "seed": 42, "fold": 1, "confusion": np.eye(4, dtype=int).tolist()}
+    assert uar_se([{**record, "support": [2, 2, 2, 2]}], "pretrain_prompt") == pytest.approx(np.sqrt(4 * 0.25 / 2) / 4)
+    assert uar_se([record], "pretrain_prompt") == 0.0  # an older record without support: the rows, all recalls 1
 
 
 def test_a_device_change_that_changes_auto_precision_is_a_config_change(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
-from finetune.metrics import NOT_A_CLASS, aggregate, confusion, scores
+from finetune.metrics import NOT_A_CLASS, aggregate, confusion, fold_mean_se, scores, uar_test_se
 from finetune.protocols import folds_for, iemocap_folds, msp_improv_11to1_folds, msp_improv_folds
 
 
@@ -86,6 +86,25 @@ def test_aggregate_fold_mean_then_seed_mean_and_sample_std() -> None:
     four = aggregate({42: [0.80], 1234: [0.82], 4321: [0.78], 5678: [0.84]})
     assert four.std == pytest.approx(np.std([0.80, 0.82, 0.78, 0.84], ddof=1)) and four.std > np.std([0.80, 0.82, 0.78, 0.84])
     assert np.isnan(aggregate({42: [0.5, 0.7]}).std)  # one seed has no sample std
+
+
+def test_uar_test_se_is_the_spread_of_the_uar_over_test_samples() -> None:
+    # By hand: classes 0 and 2 present (4 and 10 utterances, recall 1/2 and 4/5), 1 and 3 absent.
+    matrix = np.zeros((4, 4), np.int64)
+    matrix[0, 0], matrix[0, 1], matrix[2, 2], matrix[2, 3] = 2, 1, 8, 2  # one class-0 utterance was NOT_A_CLASS
+    assert uar_test_se(matrix, [4, 0, 10, 0]) == pytest.approx(np.sqrt(0.25 / 4 + 0.16 / 10) / 2)
+    # Its meaning: the std of the UAR over many test sets of the same class sizes, the model's recalls fixed.
+    support, recall = np.array([13, 11, 16, 9]), np.array([9, 4, 12, 3]) / np.array([13, 11, 16, 9])
+    hits = np.random.default_rng(0).binomial(support, recall, size=(20000, 4))
+    assert uar_test_se(np.diag(recall * support), support) == pytest.approx((hits / support).mean(1).std(), rel=0.03)
+    # A perfect or a constant classifier's recalls do not move with the test sample.
+    assert uar_test_se(np.diag(support), support) == 0.0
+
+
+def test_fold_mean_se_adds_folds_as_independent_and_averages_seeds() -> None:
+    # Seed 42: two folds of SE 0.1, their mean's SE sqrt(0.02) / 2; seed 7: sqrt(0.08) / 2.
+    assert fold_mean_se({42: [0.1, 0.1], 7: [0.2, 0.2]}) == pytest.approx((np.sqrt(0.02) + np.sqrt(0.08)) / 4)
+    assert fold_mean_se({42: [0.1]}) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("protocol, count", [("iemocap", 10), ("msp_improv", 12), ("msp_improv_11to1", 12)])
