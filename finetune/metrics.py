@@ -47,9 +47,9 @@ def uar_test_se(matrix: np.ndarray, support: Sequence[int]) -> float:
     rows can hold fewer: NOT_A_CLASS predictions), so Var(UAR) = sum_c r_c (1 - r_c) / n_c / C^2 over the C
     classes present.
     """
-    support = np.asarray(support, np.float64)
+    support = np.asarray(support)
     present = support > 0
-    recall = np.diag(np.asarray(matrix, np.float64))[present] / support[present]
+    recall = np.diag(np.asarray(matrix))[present] / support[present]
     return float(np.sqrt(np.sum(recall * (1 - recall) / support[present])) / present.sum())
 
 

@@ -89,10 +89,10 @@ def test_aggregate_fold_mean_then_seed_mean_and_sample_std() -> None:
 
 
 def test_uar_test_se_is_the_spread_of_the_uar_over_test_samples() -> None:
-    # By hand: classes 0 and 2 present (4 and 10 utterances, recall 1/2 and 4/5), 1 and 3 absent.
+    # By hand: classes 0, 1 and 2 present (4, 1 and 10 utterances, recall 1/2, 0 and 4/5), 3 absent.
     matrix = np.zeros((4, 4), np.int64)
-    matrix[0, 0], matrix[0, 1], matrix[2, 2], matrix[2, 3] = 2, 1, 8, 2  # one class-0 utterance was NOT_A_CLASS
-    assert uar_test_se(matrix, [4, 0, 10, 0]) == pytest.approx(np.sqrt(0.25 / 4 + 0.16 / 10) / 2)
+    matrix[0, 0], matrix[0, 1], matrix[1, 0], matrix[2, 2], matrix[2, 3] = 2, 1, 1, 8, 2  # a class-0 one: NOT_A_CLASS
+    assert uar_test_se(matrix, [4, 1, 10, 0]) == pytest.approx(np.sqrt(0.25 / 4 + 0 + 0.16 / 10) / 3)
     # Its meaning: the std of the UAR over many test sets of the same class sizes, the model's recalls fixed.
     support, recall = np.array([13, 11, 16, 9]), np.array([9, 4, 12, 3]) / np.array([13, 11, 16, 9])
     hits = np.random.default_rng(0).binomial(support, recall, size=(20000, 4))
