@@ -97,7 +97,7 @@ def test_uar_test_se_is_the_spread_of_the_uar_over_test_samples() -> None:
     support, recall = np.array([13, 11, 16, 9]), np.array([9, 4, 12, 3]) / np.array([13, 11, 16, 9])
     hits = np.random.default_rng(0).binomial(support, recall, size=(20000, 4))
     assert uar_test_se(np.diag(recall * support), support) == pytest.approx((hits / support).mean(1).std(), rel=0.03)
-    # A perfect or a constant classifier's recalls do not move with the test sample.
+    # A perfect classifier's recalls (all 1) do not move with the test sample.
     assert uar_test_se(np.diag(support), support) == 0.0
 
 
