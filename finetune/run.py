@@ -104,7 +104,7 @@ def run_path(out_dir: Path, setting: str, seed: int, fold: int) -> Path:
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """Run every (setting, seed, fold) not yet on disk, write the report; returns results.md."""
     check_ready(cfg)
-    cfg = resolve_precision(cfg, cuda=_device(cfg).type == "cuda")
+    cfg = resolve_precision(cfg, cuda=device_for(cfg).type == "cuda")
     out = Path(cfg.out_dir)
     check_and_save_config(out, cfg)
     grid = run_grid(cfg)
@@ -117,7 +117,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             pending.append((setting, seed, fold))
     if pending:
         needs_checkpoint = bool(cfg.checkpoint) and any(s in CHECKPOINT_SETTINGS for s, _, _ in pending)
-        ctx = _context(cfg, needs_checkpoint=needs_checkpoint)
+        ctx = load_context(cfg, needs_checkpoint=needs_checkpoint)
         units = trainings(pending, cfg.data.protocol)
         for i, (setting, seed, unit) in enumerate(units, 1):
             log.info("run %d/%d: %s seed %d fold %s", i, len(units), setting, seed, " and ".join(str(f.index) for f in unit))
@@ -423,7 +423,8 @@ def predict(model: nn.Module, utts: list[Utterance], cfg: FinetuneConfig, ctx: C
     return torch.cat(out).numpy()
 
 
-def _context(cfg: FinetuneConfig, needs_checkpoint: bool) -> Context:
+def load_context(cfg: FinetuneConfig, needs_checkpoint: bool) -> Context:
+    """The labeled samples, tokenizer, feature dims, device and (if needed) the checkpoint that every run shares."""
     from pretrain.export import load_model
 
     utts = load_utterances(cfg.data.shards, cfg.data)
@@ -431,10 +432,11 @@ def _context(cfg: FinetuneConfig, needs_checkpoint: bool) -> Context:
     log_counts(utts, cfg.data)
     pretrained = load_model(Path(cfg.checkpoint)) if needs_checkpoint else None
     bf16 = cfg.train.precision == "bf16"  # run_finetune resolved auto
-    return Context(utts, TextTokenizer(_vocab(cfg)), feature_dims(utts), pretrained, _device(cfg), bf16)
+    return Context(utts, TextTokenizer(_vocab(cfg)), feature_dims(utts), pretrained, device_for(cfg), bf16)
 
 
-def _device(cfg: FinetuneConfig) -> torch.device:
+def device_for(cfg: FinetuneConfig) -> torch.device:
+    """train.device, with auto meaning CUDA where there is one."""
     if cfg.train.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.train.device)
