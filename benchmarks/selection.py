@@ -11,7 +11,9 @@ validation of the whole schedule (no early stop), at the last step, and at the b
 for scale only), then the mean test curve; writes every fold's curves to --out.
 
     PYTHONPATH=. .venv/bin/python benchmarks/selection.py --setting pretrain_finetune --out selection.json \
-        data.shards=SHARDS checkpoint=MODEL [--config configs/finetune/demo_cpu.yaml] [KEY=VALUE ...]
+        data.shards=SHARDS checkpoint=MODEL "folds=[]" [--config configs/finetune/demo_cpu.yaml] [KEY=VALUE ...]
+
+(the demo config's folds are 1 and 2; "folds=[]" runs every fold of the protocol.)
 """
 
 from __future__ import annotations
