@@ -431,7 +431,7 @@ def load_context(cfg: FinetuneConfig, needs_checkpoint: bool) -> Context:
     log.info("%d labeled samples from %s", len(utts), cfg.data.shards)
     log_counts(utts, cfg.data)
     pretrained = load_model(Path(cfg.checkpoint)) if needs_checkpoint else None
-    bf16 = cfg.train.precision == "bf16"  # run_finetune resolved auto
+    bf16 = cfg.train.precision == "bf16"  # the caller resolved auto (resolve_precision)
     return Context(utts, TextTokenizer(_vocab(cfg)), feature_dims(utts), pretrained, device_for(cfg), bf16)
 
 
