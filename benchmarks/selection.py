@@ -63,7 +63,7 @@ def replay(history: Sequence[dict[str, float]], patience: int) -> int:
 def fold_curves(setting: str, seed: int, cfg: FinetuneConfig, subsets: Sequence[str]) -> list[dict[str, Any]]:
     """Per fold: the validation steps, the validation and test UARs at each, and the steps selections pick."""
     if not shares_training(setting):
-        raise SystemExit(f"{setting}: only settings whose fit-time hook never reads the validation speaker")
+        raise ValueError(f"{setting}: only settings whose fit-time hook never reads the validation speaker")
     ctx = load_context(cfg, needs_checkpoint=bool(cfg.checkpoint) and setting in CHECKPOINT_SETTINGS)
     records = []
     for _, _, folds in trainings([(setting, seed, f) for f in cfg.fold_numbers], cfg.data.protocol):
