@@ -25,22 +25,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from finetune.config import CHECKPOINT_SETTINGS, FinetuneConfig
 from finetune.data import MODALITY_SUBSETS, keep_modalities
 from finetune.run import (
+    build_and_prepare,
     check_ready,
     device_for,
     fold_data,
     load_context,
-    prepare,
     resolve_precision,
     shares_training,
     train_and_select,
     trainings,
 )
-from finetune.settings import build_model, schedule_for
+from finetune.settings import schedule_for
 from memobert.config import load_config
 
 NO_EARLY_STOP = 10**9
@@ -68,9 +67,7 @@ def fold_curves(setting: str, seed: int, cfg: FinetuneConfig, subsets: Sequence[
     records = []
     for _, _, folds in trainings([(setting, seed, f) for f in cfg.fold_numbers], cfg.data.protocol):
         datas = [fold_data(fold, seed, cfg, ctx) for fold in folds]
-        torch.manual_seed(seed)  # as finetune's train_model: the same initial weights and dropout
-        model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
-        prepare(model, datas[0], cfg, ctx)
+        model, _ = build_and_prepare(setting, seed, folds[0], datas[0], cfg, ctx)
         sets = [d.val for d in datas] + [keep_modalities(d.test, s) for d in datas for s in subsets]
         patient = replace(cfg, train=replace(cfg.train, patience=NO_EARLY_STOP))
         selections = train_and_select(model, datas[0].train, sets, patient, seed, ctx, schedule_for(setting, cfg),

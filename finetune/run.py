@@ -283,13 +283,9 @@ def train_model(
         raise ValueError(f"folds {[f.index for f in folds]} do not share their training samples: train them apart")
     if len(folds) > 1 and not shares_training(setting):
         raise ValueError(f"{setting} fits on the validation speaker before training: its folds cannot share a training")
-    torch.manual_seed(seed)  # classifier / random init and dropout follow the seed
-    model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
-    fold, data = folds[0], datas[0]
-    # The fit-time hook never reads the test speaker, not even under a protocol whose validation speaker is the
-    # test speaker (msp_improv_11to1): there the training speakers stand in for validation (M3ER's threshold).
-    fitted = prepare(model, data if fold.val != fold.test else replace(data, val=data.train), cfg, ctx)
-    selections = train_and_select(model, data.train, [d.val for d in datas], cfg, seed, ctx, schedule_for(setting, cfg),
+    model, fitted = build_and_prepare(setting, seed, folds[0], datas[0], cfg, ctx)
+    selections = train_and_select(model, datas[0].train, [d.val for d in datas], cfg, seed, ctx,
+                                  schedule_for(setting, cfg),
                                   desc=f"{setting} s{seed} f{'+'.join(str(f.index) for f in folds)}")
     outcomes = []
     for data, selection in zip(datas, selections):
@@ -297,6 +293,18 @@ def train_model(
         predictions = {subset: predict(model, keep_modalities(data.test, subset), cfg, ctx) for subset in MODALITY_SUBSETS}
         outcomes.append(Outcome(predictions, fitted, selection.history, selection.step, selection.uar))
     return outcomes
+
+
+def build_and_prepare(
+    setting: str, seed: int, fold: Fold, data: FoldData, cfg: FinetuneConfig, ctx: Context
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The setting's model under `seed` (random init, classifier, dropout) with its fit-time hook run on `data`."""
+    torch.manual_seed(seed)
+    model = build_model(setting, cfg, ctx.dims, ctx.tokenizer, ctx.pretrained).to(ctx.device)
+    # The fit-time hook never reads the test speaker, not even under a protocol whose validation speaker is the
+    # test speaker (msp_improv_11to1): there the training speakers stand in for validation (M3ER's threshold).
+    fitted = prepare(model, data if fold.val != fold.test else replace(data, val=data.train), cfg, ctx)
+    return model, fitted
 
 
 def prepare(model: nn.Module, data: FoldData, cfg: FinetuneConfig, ctx: Context) -> dict[str, Any]:

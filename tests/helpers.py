@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import webdataset as wds
@@ -114,3 +116,12 @@ def _add_class_signal(utt: Utterance, strength: float, vocab_size: int, signal_i
 def shard_digests(folder: Path) -> dict[str, str]:
     """Shard file name -> sha256 of its bytes: two runs that wrote the same samples in the same order agree."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).glob("shard-*.tar"))}
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py as a module: the scripts there are not a package."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ assembled from small run records."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,17 +10,13 @@ import numpy as np
 import pytest
 
 from finetune.data import MODALITY_SUBSETS
+from helpers import load_benchmark
 from memobert.schema import Utterance
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("learning_bench", REPO / "benchmarks" / "learning.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("learning")
 
 
 def _cues(text: str, audio: str, visual: str) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,9 +9,9 @@ import pytest
 
 from finetune.config import FinetuneConfig
 from finetune.run import run_finetune, run_path
+from helpers import load_benchmark
 from memobert.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
 # The tiny flavor at a large lr, validated every 4 of 64 steps; patience 1, so that finetuning stops at the first
 # validation that is no better: 16 strictly rising validation UARs in a row do not happen.
 OVERRIDES = ["model.flavor=tiny", "train.lr=3e-3", "train.batch_size=16", "train.steps=64", "train.direct_steps=64",
@@ -21,10 +20,7 @@ OVERRIDES = ["model.flavor=tiny", "train.lr=3e-3", "train.batch_size=16", "train
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("selection_bench", REPO / "benchmarks" / "selection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("selection")
 
 
 def test_replay_keeps_the_first_best_and_stops_after_patience(bench) -> None:
