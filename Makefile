@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PINS := requirements/lock.txt requirements/nodeps.txt
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo clean-venv mutation
+.PHONY: venv test test-fast demo demo-full clean-venv mutation
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ test-fast: venv
 
 demo: venv
 	$(VENV)/bin/memobert demo
+
+# The demo finetuned on all ten folds instead of two: five times the test utterances; finished stages are reused.
+demo-full: venv
+	$(VENV)/bin/memobert demo all_folds=true
 
 # Mutation testing of the loss, masking, metric, protocol, prompt and selection code against the fast unit
 # tests ([tool.mutmut] in pyproject.toml); a fresh mutants/ each time, so no stale verdict is reused.

@@ -40,7 +40,8 @@ from finetune.run import (
 )
 from finetune.settings import ClassifierModel, Schedule, build_model, schedule_for, text_model
 from helpers import TINY_DIMS
-from memobert.config import ConfigError, load_config
+from memobert.config import ConfigError, load_config, to_dict
+from memobert.demo import DemoConfig, demo_finetune_config
 from memobert.schema import Manifest, Utterance
 from preprocessing.config import PreprocessConfig
 from preprocessing.text import TextTokenizer, default_vocab_folder
@@ -616,6 +617,16 @@ def test_labeled_corpora_keep_faceless_utterances_by_default() -> None:
     keep = load_config(PreprocessConfig, [REPO / "configs/preprocess/labeled.yaml"]).shards
     assert not keep.drops_faceless(labeled=True) and not keep.drops_faceless(labeled=False)
     assert load_config(PreprocessConfig, overrides=["shards.missing_modality=drop"]).shards.drops_faceless(labeled=True)
+
+
+def test_the_demo_finetunes_two_folds_and_all_ten_on_request(tmp_path: Path) -> None:
+    paths = (tmp_path / "shards", tmp_path / "model", tmp_path / "finetune")
+    two, full = (demo_finetune_config(DemoConfig(all_folds=flag), *paths) for flag in (False, True))
+    assert two.fold_numbers == [1, 2] and full.fold_numbers == list(range(1, 11))
+    assert (full.data.shards, full.checkpoint, full.out_dir) == tuple(str(p) for p in paths)
+    # Only the folds differ, and they are free to change in a finished out_dir: the two folds' runs are reused.
+    assert "folds" in run.RERUN_FREE_KEYS
+    assert {**to_dict(two), "folds": []} == to_dict(full)
 
 
 def test_text_bert_folders_default_to_bert_base_and_a_missing_one_is_a_config_error(
