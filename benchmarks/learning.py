@@ -7,7 +7,8 @@ on the labeled shards. Writes OUT/learning.json:
 
   ceilings        the Bayes-optimal classifier's accuracy and UAR on the labeled utterances actually drawn,
                   from the generator's ground truth: per modality (its cue alone) and fused (all three cues),
-                  knowing each modality's reliability and the drawn class shares; ties count 1/k
+                  knowing each modality's reliability and the drawn class shares; ties count 1/k;
+                  fold_mean_uar: its UAR on each fold's test speaker, averaged as the settings' scores are
   asd_accuracy    kept labeled utterances with a face whose chosen track is the speaker's face (tracks are
                   numbered by first appearance, left to right; the two actors show from the first frame, so
                   track 0 is the left actor) / kept labeled utterances with a face
@@ -41,69 +42,15 @@ from typing import Any
 import numpy as np
 
 from memobert.demo import DemoConfig
+from preprocessing.synth.ceilings import fold_ceilings, iemocap_turns, labeled_ceilings
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-MODALITIES = {"text": "text_class", "audio": "audio_class", "visual": "face_class"}
-RELIABILITY_KEYS = {"text": "text_reliability", "audio": "audio_reliability", "visual": "face_reliability"}
 SETTINGS = ("direct", "bert_direct", "pretrain_finetune", "pretrain_prompt", "mfn", "m3er")
 FRACTION_SETTINGS = ("direct", "pretrain_finetune", "pretrain_prompt")
 FRACTIONS = ("0.1", "0.3", "1.0")
 SUBSETS = {"T": "t", "A": "a", "V": "v", "T+A": "ta", "T+V": "tv", "A+V": "av", "T+A+V": "tav"}
 PROBE_MODALITIES = {"text": "t", "audio": "a", "visual": "v"}
-
-
-def iemocap_turns(corpus: Path) -> dict[str, dict[str, Any]]:
-    """The generator's ground truth of every IEMOCAP-layout turn, by shard key."""
-    from preprocessing.segments import sanitize_key
-
-    turns = {}
-    for path in sorted((corpus / "ground_truth" / "iemocap").glob("*.json")):
-        for turn in json.loads(path.read_text())["turns"]:
-            turns[sanitize_key(turn["name"])] = turn
-    return turns
-
-
-def bayes_ceilings(labels: Sequence[int], cues: Sequence[dict[str, str]], reliability: dict[str, float]) -> dict[str, Any]:
-    """Accuracy and UAR of the Bayes-optimal rule on these utterances, from each modality's cue and from all three.
-
-    labels: class ids (finetune.protocols.CLASSES); cues: per utterance {"text" | "audio" | "visual": class name};
-    reliability: per modality, P(cue = true class), else one of the other classes uniformly. The prior is the
-    class shares of `labels`. A tie between k classes containing the true one counts 1/k.
-    """
-    from finetune.protocols import CLASSES
-
-    labels = np.asarray(labels)
-    n_classes = len(CLASSES)
-    prior = np.bincount(labels, minlength=n_classes) / len(labels)
-    credit = {}
-    for name, used in [(m, (m,)) for m in MODALITIES] + [("fused", tuple(MODALITIES))]:
-        hits = np.zeros(len(labels))
-        for i, (label, shown) in enumerate(zip(labels, cues)):
-            posterior = np.log(np.maximum(prior, 1e-300))
-            for modality in used:
-                r = reliability[modality]
-                likelihood = np.full(n_classes, (1 - r) / (n_classes - 1))
-                likelihood[CLASSES.index(shown[modality])] = r
-                posterior += np.log(np.maximum(likelihood, 1e-300))
-            best = np.flatnonzero(np.isclose(posterior, posterior.max()))
-            hits[i] = (label in best) / len(best)
-        credit[name] = hits
-    present = [c for c in range(n_classes) if (labels == c).any()]
-    return {
-        "accuracy": {name: float(h.mean()) for name, h in credit.items()},
-        "uar": {name: float(np.mean([h[labels == c].mean() for c in present])) for name, h in credit.items()},
-        "utterances": int(len(labels)),
-    }
-
-
-def labeled_ceilings(corpus: Path, utts: Sequence[Any]) -> dict[str, Any]:
-    """bayes_ceilings for the labeled utterances in the shards, with the generator's reliabilities."""
-    config = json.loads((corpus / "synth_summary.json").read_text())["config"]
-    truth = iemocap_turns(corpus)
-    labels = [u.meta["label"] for u in utts]
-    cues = [{m: truth[u.key][field] for m, field in MODALITIES.items()} for u in utts]
-    return bayes_ceilings(labels, cues, {m: float(config[key]) for m, key in RELIABILITY_KEYS.items()})
 
 
 def asd_accuracy(corpus: Path, utts: Sequence[Any]) -> dict[str, Any]:
@@ -158,6 +105,8 @@ def table(result: dict[str, Any]) -> str:
              f"folds {result['folds']}; UAR in %",
              "ceilings (Bayes, accuracy / UAR): " + ", ".join(
                  f"{m} {pct(ceil['accuracy'][m]).strip()} / {pct(ceil['uar'][m]).strip()}" for m in ceil["accuracy"]),
+             "ceilings on the folds' test speakers (UAR, fold mean as below): " + ", ".join(
+                 f"{m} {pct(v).strip()}" for m, v in ceil["fold_mean_uar"].items()),
              f"ASD accuracy: {pct(result['asd_accuracy']).strip()} ({result['asd']['with_face']} of "
              f"{result['asd']['utterances']} labeled utterances with a face)",
              "probe UAR: " + ", ".join(f"{m} {pct(v).strip()}" for m, v in result["probe_uar"].items()),
@@ -330,6 +279,7 @@ def main() -> None:
     args = parse_args()
     from finetune.data import load_utterances
     from finetune.config import DataConfig
+    from finetune.protocols import folds_for
 
     args.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.out, args)
@@ -350,7 +300,9 @@ def main() -> None:
            "pretrain_overrides": args.pretrain_override,
            "audio_steps": args.audio_steps,
            "finetune_overrides": args.overrides, "seconds": stages.seconds}
-    result = assemble(labeled_ceilings(corpus, utts), asd_accuracy(corpus, utts), probe, records, fractions, run)
+    folds = [fold for fold in folds_for("iemocap") if fold.index in run["folds"]]
+    ceilings = {**labeled_ceilings(corpus, utts), "fold_mean_uar": fold_ceilings(corpus, utts, folds)["uar"]}
+    result = assemble(ceilings, asd_accuracy(corpus, utts), probe, records, fractions, run)
     (args.out / "learning.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"-> {args.out / 'learning.json'}")
