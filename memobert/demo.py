@@ -51,6 +51,21 @@ def demo_finetune_config(config: DemoConfig, shards: Path, model_dir: Path, out:
     return load_config(FinetuneConfig, [DEMO_FINETUNE_YAML], overrides + ([ALL_FOLDS] if config.all_folds else []))
 
 
+def ceilings_summary(corpus: Path, finetune_cfg: FinetuneConfig) -> str:
+    """What the generator's cues allow on the finetuned folds' test speakers (Bayes UAR), to read the table against."""
+    from finetune.data import load_utterances
+    from finetune.protocols import folds_for
+    from preprocessing.synth.ceilings import fold_ceilings
+
+    folds = [f for f in folds_for(finetune_cfg.data.protocol) if f.index in finetune_cfg.fold_numbers]
+    ceilings = fold_ceilings(corpus, load_utterances(finetune_cfg.data.shards, finetune_cfg.data), folds)
+    pct = lambda uar: f"{100 * uar:.1f}"  # noqa: E731
+    return ("   Ceilings (the generator's ground truth): the Bayes-optimal rule's UAR on these test speakers, fold mean\n"
+            f"   as in the table: fused {pct(ceilings['uar']['fused'])}, "
+            + ", ".join(f"{m} alone {pct(ceilings['uar'][m])}" for m in ("text", "audio", "visual")) + " (chance 25);\n"
+            "   fused per fold: " + ", ".join(f"{i}: {pct(c['uar']['fused'])}" for i, c in ceilings["per_fold"].items()))
+
+
 def _stage(title: str, command: str) -> float:
     print(f"\n== {title} ==\n   $ {command}", flush=True)
     return time.perf_counter()
@@ -131,6 +146,7 @@ def run_demo(config: DemoConfig) -> None:
                    f"--config {DEMO_FINETUNE_YAML}" + (f" '{ALL_FOLDS}'" if config.all_folds else ""))
     results = run_finetune(finetune_cfg)
     print("\n" + results.read_text())
+    print(ceilings_summary(corpus, finetune_cfg))
     if not config.all_folds:
         print(f"   {folds} test few utterances: read the table's orderings against its 'UAR SE (test)' column.\n"
               "   `make demo-full` finetunes on all ten folds, reusing every stage above (~18 minutes more on 2 cores).")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from finetune.config import PAPER_SETTINGS, FinetuneConfig, TrainConfig
+from finetune.config import PAPER_SETTINGS, DataConfig, FinetuneConfig, TrainConfig
 from finetune.counts import IEMOCAP_RELEASE_TOTAL, log_counts, release_total
 from finetune.data import MODALITY_SUBSETS, batches, feature_dims, keep_modalities, load_utterances, split_fold
 from finetune.metrics import NOT_A_CLASS, scores
@@ -41,7 +41,7 @@ from finetune.run import (
 from finetune.settings import ClassifierModel, Schedule, build_model, schedule_for, text_model
 from helpers import TINY_DIMS
 from memobert.config import ConfigError, load_config, to_dict
-from memobert.demo import DemoConfig, demo_finetune_config
+from memobert.demo import DemoConfig, ceilings_summary, demo_finetune_config
 from memobert.schema import Manifest, Utterance
 from preprocessing.config import PreprocessConfig
 from preprocessing.text import TextTokenizer, default_vocab_folder
@@ -627,6 +627,27 @@ def test_the_demo_finetunes_two_folds_and_all_ten_on_request(tmp_path: Path) -> 
     # Only the folds differ, and they are free to change in a finished out_dir: the two folds' runs are reused.
     assert "folds" in run.RERUN_FREE_KEYS
     assert {**to_dict(two), "folds": []} == to_dict(full)
+
+
+def test_the_demo_prints_what_the_generators_cues_allow_on_its_folds(tmp_path: Path, labeled_shards: Path) -> None:
+    # A ground truth for the shards' utterances: the text cue always names the class, the audio cue never, the
+    # face cue does except for Ses01M (fold 2's test speaker), whose wrong face and audio cues agree and outvote it.
+    wrong = lambda label: CLASSES[(label + 1) % 4]  # noqa: E731
+    turns = [{"name": u.key, "text_class": CLASSES[u.meta["label"]], "audio_class": wrong(u.meta["label"]),
+              "face_class": wrong(u.meta["label"]) if u.meta["speaker"] == "Ses01M" else CLASSES[u.meta["label"]]}
+             for u in load_utterances(str(labeled_shards), DataConfig())]
+    corpus = tmp_path / "corpus"
+    (corpus / "ground_truth" / "iemocap").mkdir(parents=True)
+    (corpus / "ground_truth" / "iemocap" / "all.json").write_text(json.dumps({"turns": turns}))
+    (corpus / "synth_summary.json").write_text(json.dumps({"config": {
+        "text_reliability": 0.7, "audio_reliability": 0.7, "face_reliability": 0.7}}))
+    paths = (labeled_shards, tmp_path / "model", tmp_path / "finetune")
+    two = ceilings_summary(corpus, demo_finetune_config(DemoConfig(), *paths))
+    assert "fused 50.0, text alone 100.0, audio alone 0.0, visual alone 50.0 (chance 25)" in two
+    assert two.endswith("fused per fold: 1: 100.0, 2: 0.0")
+    full = ceilings_summary(corpus, demo_finetune_config(DemoConfig(all_folds=True), *paths))
+    assert full.endswith("fused per fold: 1: 100.0, 2: 0.0, " + ", ".join(f"{i}: 100.0" for i in range(3, 11)))
+    assert "fused 90.0, text alone 100.0, audio alone 0.0, visual alone 90.0" in full
 
 
 def test_text_bert_folders_default_to_bert_base_and_a_missing_one_is_a_config_error(
