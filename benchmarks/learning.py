@@ -13,6 +13,7 @@ on the labeled shards. Writes OUT/learning.json:
                   numbered by first appearance, left to right; the two actors show from the first frame, so
                   track 0 is the left actor) / kept labeled utterances with a face
   probe_uar       the probe setting's text / audio / visual UAR (logistic regressions on pooled shard features)
+  probe_fused_uar the probe's full input: the three probes' log-probabilities added (late fusion)
   settings        per setting: fused uar and wa, and subsets (UAR per modality subset, "T" ... "T+A+V")
   label_fraction  {"0.1" | "0.3" | "1.0": {setting: fused uar}} for direct, pretrain_finetune, pretrain_prompt
   seeds, fraction_seeds, folds, scale, labeled_scale, generator_seed, seconds (per stage), the configs' overrides
@@ -89,6 +90,7 @@ def assemble(
         "asd": asd,
         "probe_uar": {name: summarize(probe_records, "probe", subset)["uar"].mean
                       for name, subset in PROBE_MODALITIES.items()},
+        "probe_fused_uar": summarize(probe_records, "probe")["uar"].mean,
         "settings": {s: setting_scores(setting_records, s) for s in settings},
         "label_fraction": {f: {s: summarize(by_fraction[f], s)["uar"].mean for s in FRACTION_SETTINGS
                                if any(r["setting"] == s for r in by_fraction[f])} for f in FRACTIONS},
@@ -109,7 +111,8 @@ def table(result: dict[str, Any]) -> str:
                  f"{m} {pct(v).strip()}" for m, v in ceil["fold_mean_uar"].items()),
              f"ASD accuracy: {pct(result['asd_accuracy']).strip()} ({result['asd']['with_face']} of "
              f"{result['asd']['utterances']} labeled utterances with a face)",
-             "probe UAR: " + ", ".join(f"{m} {pct(v).strip()}" for m, v in result["probe_uar"].items()),
+             "probe UAR: " + ", ".join(f"{m} {pct(v).strip()}" for m, v in result["probe_uar"].items())
+             + f", the three fused late {pct(result['probe_fused_uar']).strip()}",
              "",
              f"{'setting':<18}" + "".join(f"{name:>8}" for name in SUBSETS) + f"{'WA':>8}"]
     for setting, s in result["settings"].items():

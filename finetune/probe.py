@@ -5,9 +5,14 @@ Features of one utterance, no model involved:
   text    which token ids occur (a bag of ids, L2-normalised): the words themselves, no embedding
   audio   mean and std over the acoustic frames, and a flag for an empty track
   visual  mean and std over the face frames and over the FER+ probabilities, and a flag for no face
-A subset concatenates its modalities' blocks (early fusion); dense blocks are standardised on the training
-speakers. The regularisation C is chosen per subset on the validation speaker; the test speaker is predicted
-once. Classes are weighted inversely to their frequency, since UAR is the score.
+Dense blocks are standardised on the training speakers. One probe per modality; classes are weighted inversely
+to their frequency, since UAR is the score. A subset of several modalities adds its probes' log-probabilities
+(late fusion: the product of experts, the Bayes rule under a uniform prior when the modalities are independent
+given the class); one regression on the concatenated blocks fused worse than its best block alone
+(docs/benchmarks.md). Since the fusion consumes probabilities, each probe's regularisation C is the one with
+the lowest class-balanced log-loss on the validation speaker: the UAR would keep a probe so regularised that its
+probabilities are nearly uniform, and its modality would then count for nothing in the product. The test
+speaker is predicted once.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.class_weight import compute_sample_weight
 
 from finetune.data import MODALITY_SUBSETS, FoldData, labels_of
 from finetune.metrics import scores
@@ -77,22 +84,33 @@ class SubsetFeatures:
 
 
 def run_probe(data: FoldData) -> tuple[dict[str, np.ndarray], dict[str, Any], list[dict[str, Any]]]:
-    """Fit a probe per modality subset, C chosen on the validation speaker.
+    """Fit a probe per modality, C chosen on the validation speaker's log-loss, and fuse them for every subset.
 
-    Returns the test predictions per subset, what was fitted ({"C": {subset: C}}) and the validation history.
+    Returns the test predictions per subset, what was fitted ({"C": {modality: C}}) and the validation history.
     """
     features = SubsetFeatures(data)
     y_train, y_val = labels_of(data.train), labels_of(data.val)
-    predictions, chosen, history = {}, {}, []
-    for subset in MODALITY_SUBSETS:
+    balanced_weights = compute_sample_weight("balanced", y_val)
+    known = np.isin(y_val, y_train)  # a class no training utterance has is wrong at every C: not a choice
+    log_proba, chosen, history = {}, {}, []
+    for modality in ("t", "a", "v"):
         best = None
         for c in C_GRID:
             probe = LogisticRegression(C=c, max_iter=2000, class_weight="balanced")
-            probe.fit(features.get(subset, "train"), y_train)
-            val_uar = scores(y_val, probe.predict(features.get(subset, "val")), len(CLASSES))["uar"]
-            history.append({"subset": subset, "C": c, "val_uar": val_uar})
-            if best is None or val_uar > best[0]:  # strictly better: ties keep the stronger regularisation
-                best = (val_uar, c, probe)
-        chosen[subset] = best[1]
-        predictions[subset] = best[2].predict(features.get(subset, "test"))
+            probe.fit(features.get(modality, "train"), y_train)
+            proba = probe.predict_proba(features.get(modality, "val"))
+            val_loss = log_loss(y_val[known], proba[known], labels=probe.classes_, sample_weight=balanced_weights[known])
+            val_uar = scores(y_val, probe.classes_[proba.argmax(1)], len(CLASSES))["uar"]
+            history.append({"subset": modality, "C": c, "val_log_loss": val_loss, "val_uar": val_uar})
+            if best is None or val_loss < best[0]:  # strictly better: ties keep the stronger regularisation
+                best = (val_loss, c, probe)
+        chosen[modality] = best[1]
+        classes = best[2].classes_  # the training labels' classes, the same for every modality
+        log_proba[modality] = {part: best[2].predict_log_proba(features.get(modality, part)) for part in ("val", "test")}
+    predictions = {}
+    for subset in MODALITY_SUBSETS:
+        fused = {part: sum(log_proba[m][part] for m in subset) for part in ("val", "test")}
+        if len(subset) > 1:
+            history.append({"subset": subset, "val_uar": scores(y_val, classes[fused["val"].argmax(1)], len(CLASSES))["uar"]})
+        predictions[subset] = classes[fused["test"].argmax(1)]
     return predictions, {"C": chosen}, history

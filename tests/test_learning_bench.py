@@ -64,6 +64,7 @@ def test_learning_json_has_every_key(bench) -> None:
     assert set(result["ceilings"]["accuracy"]) == {"text", "audio", "visual", "fused"}
     assert result["asd_accuracy"] == 0.9
     assert result["probe_uar"] == pytest.approx({"text": 0.6, "audio": 0.6, "visual": 0.6})
+    assert result["probe_fused_uar"] == pytest.approx(0.6)
     assert set(result["settings"]) == set(bench.SETTINGS)
     direct = result["settings"]["direct"]
     assert set(direct) == {"uar", "wa", "subsets"} and direct["wa"] == pytest.approx(0.31)
@@ -79,6 +80,7 @@ def test_learning_json_has_every_key(bench) -> None:
     text = bench.table(result)
     assert "pretrain_finetune" in text and "T+A+V" in text and "label fraction" in text
     assert "seeds [42, 43]" in text and "scale tiny (labeled part x3)" in text
+    assert "probe UAR: text 60.00, audio 60.00, visual 60.00, the three fused late 60.00" in text
     assert "test speakers (UAR, fold mean as below): text 80.00, audio 80.00, visual 80.00, fused 80.00" in text
 
 
