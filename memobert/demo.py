@@ -141,7 +141,7 @@ def run_demo(config: DemoConfig) -> None:
 
     finetune_cfg = demo_finetune_config(config, shards["iemocap"], model_dir, work / "finetune")
     folds = "all 10 folds" if config.all_folds else f"{len(finetune_cfg.folds)} of 10 folds"
-    start = _stage(f"6. finetune the four settings and the MFN / M3ER baselines on the IEMOCAP layout ({folds}, one seed)",
+    start = _stage(f"6. finetune the four settings, MFN, M3ER and the probe on the IEMOCAP layout ({folds}, one seed)",
                    f"memobert finetune --data {shards['iemocap']} --protocol iemocap --checkpoint {model_dir} "
                    f"--config {DEMO_FINETUNE_YAML}" + (f" '{ALL_FOLDS}'" if config.all_folds else ""))
     results = run_finetune(finetune_cfg)
