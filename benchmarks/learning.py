@@ -40,8 +40,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from memobert.demo import DemoConfig
 from preprocessing.synth.ceilings import fold_ceilings, iemocap_turns, labeled_ceilings
 

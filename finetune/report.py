@@ -131,9 +131,9 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
 
 
 PROBE_NOTE = ("Probe: a logistic regression per modality on pooled features (text: the bag of token ids; "
-              "audio and visual: mean and std over frames), its C chosen on the validation speaker; its T, A and V "
-              "columns below say how much of the class each modality of the shards carries, and a subset of "
-              "several adds its probes' log-probabilities (late fusion, nothing learned across modalities).")
+              "audio and visual: mean and std over frames), its C chosen by the validation speaker's log-loss; "
+              "its T, A and V columns below say how much of the class each modality of the shards carries, and a "
+              "subset of several adds its probes' log-probabilities (late fusion, nothing learned across modalities).")
 
 
 def label_fraction_text(fraction: float) -> str:
