@@ -66,11 +66,7 @@ def bayes_ceilings(labels: Sequence[int], cues: Sequence[dict[str, str]], reliab
 
 def labeled_ceilings(corpus: Path, utts: Sequence[Any], prior: Sequence[float] | None = None) -> dict[str, Any]:
     """bayes_ceilings of labeled utterances (shard samples with meta["label"]), with the generator's reliabilities."""
-    config = json.loads((corpus / "synth_summary.json").read_text())["config"]
-    truth = iemocap_turns(corpus)
-    labels = [u.meta["label"] for u in utts]
-    cues = [{m: truth[u.key][field] for m, field in CUE_FIELDS.items()} for u in utts]
-    return bayes_ceilings(labels, cues, {m: float(config[key]) for m, key in RELIABILITY_KEYS.items()}, prior)
+    return _ceilings(*_ground_truth(corpus), utts, prior)
 
 
 def fold_ceilings(corpus: Path, utts: Sequence[Any], folds: Sequence[Any]) -> dict[str, Any]:
@@ -78,11 +74,24 @@ def fold_ceilings(corpus: Path, utts: Sequence[Any], folds: Sequence[Any]) -> di
 
     The prior is the class shares of the fold's training speakers, the prior a trained model can know.
     """
+    truth, reliability = _ground_truth(corpus)  # read once for every fold
     per_fold = {}
     for fold in folds:
         test = [u for u in utts if u.meta["speaker"] == fold.test]
         train = [u.meta["label"] for u in utts if u.meta["speaker"] in fold.train]
-        per_fold[fold.index] = labeled_ceilings(corpus, test, np.bincount(train, minlength=len(EMOTIONS)) / len(train))
+        per_fold[fold.index] = _ceilings(truth, reliability, test, np.bincount(train, minlength=len(EMOTIONS)) / len(train))
     names = [*CUE_FIELDS, "fused"]
     return {"uar": {m: float(np.mean([c["uar"][m] for c in per_fold.values()])) for m in names},
             "per_fold": per_fold}
+
+
+def _ground_truth(corpus: Path) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    config = json.loads((corpus / "synth_summary.json").read_text())["config"]
+    return iemocap_turns(corpus), {m: float(config[key]) for m, key in RELIABILITY_KEYS.items()}
+
+
+def _ceilings(truth: dict[str, dict[str, Any]], reliability: dict[str, float], utts: Sequence[Any],
+              prior: Sequence[float] | None) -> dict[str, Any]:
+    labels = [u.meta["label"] for u in utts]
+    cues = [{m: truth[u.key][field] for m, field in CUE_FIELDS.items()} for u in utts]
+    return bayes_ceilings(labels, cues, reliability, prior)
