@@ -56,7 +56,7 @@ def test_learning_json_has_every_key(bench) -> None:
     fractions = {"0.1": [r for s in bench.FRACTION_SETTINGS for r in _records(s, 0.3)],
                  "0.3": [r for s in bench.FRACTION_SETTINGS for r in _records(s, 0.4)]}
     run = {"seeds": [42], "fraction_seeds": [42, 43], "folds": [1, 2], "scale": "tiny", "labeled_scale": 3,
-           "generator_seed": 7, "seconds": {"synth": 1.0}}
+           "generator_seed": 7, "pretrain_seeds": [42], "seconds": {"synth": 1.0}}
     result = bench.assemble(ceilings, {"accuracy": 0.9, "with_face": 10, "utterances": 11}, _records("probe", 0.6),
                             settings, fractions, run)
     assert {"ceilings", "asd_accuracy", "probe_uar", "settings", "label_fraction", "seeds", "folds", "scale",
@@ -82,6 +82,51 @@ def test_learning_json_has_every_key(bench) -> None:
     assert "seeds [42, 43]" in text and "scale tiny (labeled part x3)" in text
     assert "probe UAR: text 60.00, audio 60.00, visual 60.00, the three fused late 60.00" in text
     assert "test speakers (UAR, fold mean as below): text 80.00, audio 80.00, visual 80.00, fused 80.00" in text
+    assert "pretraining seed" not in text  # one checkpoint: no per-seed block
+
+
+def test_checkpoint_settings_average_over_pretraining_seeds(bench) -> None:
+    """pretrain_finetune and pretrain_prompt report the mean over checkpoints, each seed kept; the others use the
+    first checkpoint's runs only."""
+    ceilings = {**bayes_ceilings([0], [_cues("anger", "anger", "anger")], {m: 0.7 for m in CUE_FIELDS}),
+                "fold_mean_uar": {m: 0.8 for m in [*CUE_FIELDS, "fused"]}}
+    settings = [*_records("direct", 0.3), *_records("pretrain_finetune", 0.5), *_records("pretrain_prompt", 0.4)]
+    fractions = {f: [r for s in bench.FRACTION_SETTINGS for r in _records(s, 0.2)] for f in ("0.1", "0.3")}
+    second = {"1.0": [*_records("pretrain_finetune", 0.7), *_records("pretrain_prompt", 0.6)],
+              **{f: [*_records("pretrain_finetune", 0.4), *_records("pretrain_prompt", 0.3)] for f in ("0.1", "0.3")}}
+    run = {"seeds": [42], "fraction_seeds": [42], "folds": [1, 2], "scale": "tiny", "labeled_scale": 1,
+           "generator_seed": 7, "pretrain_seeds": [42, 1], "seconds": {}}
+    result = bench.assemble(ceilings, {"accuracy": 1.0, "with_face": 1, "utterances": 1}, _records("probe", 0.6),
+                            settings, fractions, run, {1: second})
+    assert result["settings"]["direct"]["uar"] == pytest.approx(0.3)
+    assert result["settings"]["pretrain_finetune"]["uar"] == pytest.approx(0.6)  # (0.5 + 0.7) / 2
+    assert result["settings"]["pretrain_finetune"]["subsets"]["T+A"] == pytest.approx(0.3)  # (0.25 + 0.35) / 2
+    assert result["settings"]["pretrain_prompt"]["wa"] == pytest.approx(0.51)
+    assert result["label_fraction"]["0.1"] == pytest.approx(
+        {"direct": 0.2, "pretrain_finetune": 0.3, "pretrain_prompt": 0.25})
+    assert list(result["label_fraction"]["0.1"]) == list(bench.FRACTION_SETTINGS)
+    assert result["label_fraction"]["1.0"]["pretrain_finetune"] == pytest.approx(0.6)
+    assert result["by_pretrain_seed"]["1"]["label_fraction"]["0.1"] == pytest.approx(
+        {"pretrain_finetune": 0.4, "pretrain_prompt": 0.3})
+    assert result["by_pretrain_seed"]["42"]["settings"]["pretrain_finetune"]["uar"] == pytest.approx(0.5)
+    text = bench.table(result)
+    assert "mean over pretraining seeds [42, 1]" in text
+    assert "pretraining seed 1: pretrain_finetune 40.00 / 40.00 / 70.00; pretrain_prompt 30.00 / 30.00 / 60.00" in text
+
+
+def test_pretraining_seeds_are_parsed_and_a_kept_checkpoint_of_another_seed_is_refused(bench, tmp_path: Path) -> None:
+    base = ["--seed", "7", "--out", str(tmp_path)]
+    assert bench.parse_args(base).pretrain_seeds == [42]  # the recipe's pretraining seed
+    args = bench.parse_args([*base, "--pretrain-seeds", "[42,1,2]"])
+    assert args.pretrain_seeds == [42, 1, 2]
+    for bad in (["--pretrain-seeds", "[1,1]"], ["--pretrain-seeds", "7"], ["--pretrain-override", "train.seed=3"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args([*base, *bad])
+    kept = tmp_path / "pretrain_seed_1" / "pretrain" / "config.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text(json.dumps({"train": {"seed": 2}}))
+    with pytest.raises(SystemExit, match="pretrain_seed_1/pretrain/config.json: pretrained with train.seed 2, not 1"):
+        bench.Stages(tmp_path, args).pretrained({}, 1, tmp_path / "pretrain_seed_1")
 
 
 def test_fraction_seeds_default_to_the_finetuning_seeds(bench) -> None:
