@@ -83,6 +83,25 @@ class SubsetFeatures:
         return sparse.hstack([self.blocks[m][part] for m in subset], format="csr")
 
 
+def fit_by_log_loss(
+    x_train: Features | np.ndarray, y_train: np.ndarray, x_val: Features | np.ndarray, y_val: np.ndarray
+) -> tuple[LogisticRegression, float, list[dict[str, float]]]:
+    """A class-balanced logistic regression for each C of C_GRID; the one with the lowest class-balanced validation
+    log-loss, its C and every C's validation log-loss and UAR."""
+    balanced_weights = compute_sample_weight("balanced", y_val)
+    known = np.isin(y_val, y_train)  # a class no training utterance has is wrong at every C: not a choice
+    best, history = None, []
+    for c in C_GRID:
+        probe = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(x_train, y_train)
+        proba = probe.predict_proba(x_val)
+        val_loss = log_loss(y_val[known], proba[known], labels=probe.classes_, sample_weight=balanced_weights[known])
+        val_uar = scores(y_val, probe.classes_[proba.argmax(1)], len(CLASSES))["uar"]
+        history.append({"C": c, "val_log_loss": val_loss, "val_uar": val_uar})
+        if best is None or val_loss < best[0]:  # strictly better: ties keep the stronger regularisation
+            best = (val_loss, c, probe)
+    return best[2], best[1], history
+
+
 def run_probe(data: FoldData) -> tuple[dict[str, np.ndarray], dict[str, Any], list[dict[str, Any]]]:
     """Fit a probe per modality, C chosen on the validation speaker's log-loss, and fuse them for every subset.
 
@@ -90,23 +109,13 @@ def run_probe(data: FoldData) -> tuple[dict[str, np.ndarray], dict[str, Any], li
     """
     features = SubsetFeatures(data)
     y_train, y_val = labels_of(data.train), labels_of(data.val)
-    balanced_weights = compute_sample_weight("balanced", y_val)
-    known = np.isin(y_val, y_train)  # a class no training utterance has is wrong at every C: not a choice
     log_proba, chosen, history = {}, {}, []
     for modality in ("t", "a", "v"):
-        best = None
-        for c in C_GRID:
-            probe = LogisticRegression(C=c, max_iter=2000, class_weight="balanced")
-            probe.fit(features.get(modality, "train"), y_train)
-            proba = probe.predict_proba(features.get(modality, "val"))
-            val_loss = log_loss(y_val[known], proba[known], labels=probe.classes_, sample_weight=balanced_weights[known])
-            val_uar = scores(y_val, probe.classes_[proba.argmax(1)], len(CLASSES))["uar"]
-            history.append({"subset": modality, "C": c, "val_log_loss": val_loss, "val_uar": val_uar})
-            if best is None or val_loss < best[0]:  # strictly better: ties keep the stronger regularisation
-                best = (val_loss, c, probe)
-        chosen[modality] = best[1]
-        classes = best[2].classes_  # the training labels' classes, the same for every modality
-        log_proba[modality] = {part: best[2].predict_log_proba(features.get(modality, part)) for part in ("val", "test")}
+        probe, chosen[modality], tried = fit_by_log_loss(features.get(modality, "train"), y_train,
+                                                         features.get(modality, "val"), y_val)
+        history += [{"subset": modality, **entry} for entry in tried]
+        classes = probe.classes_  # the training labels' classes, the same for every modality
+        log_proba[modality] = {part: probe.predict_log_proba(features.get(modality, part)) for part in ("val", "test")}
     predictions = {}
     for subset in MODALITY_SUBSETS:
         fused = {part: sum(log_proba[m][part] for m in subset) for part in ("val", "test")}
