@@ -52,6 +52,9 @@ class ModelConfig:
     bert_folder: str = "checkpoints/bert-base-uncased"
     # On the pooled [CLS] (pooler: Linear + tanh), before the authors' head Linear(h, 2h)-GELU-LayerNorm-Linear.
     classifier_dropout: float = 0.1
+    # What the head reads: cls, the [CLS] state (the authors'); mean, the mean state over every valid text,
+    # visual and acoustic position (beyond the paper: no pretraining task trains [CLS], docs/benchmarks.md).
+    classifier_pooling: Literal["cls", "mean"] = "cls"
 
     def validate(self) -> None:
         check(0.0 <= self.classifier_dropout < 1.0, "classifier_dropout", "must be in [0, 1)")

@@ -56,17 +56,21 @@ class ClassifierHead(nn.Module):
 
 
 class ClassifierModel(nn.Module):
-    """MEmoBERT + the authors' classifier head on [CLS] (ClassifierHead)."""
+    """MEmoBERT + the authors' classifier head (ClassifierHead) on [CLS], or on the mean of the valid positions."""
 
-    def __init__(self, backbone: MEmoBERT, num_classes: int, dropout: float) -> None:
+    def __init__(self, backbone: MEmoBERT, num_classes: int, dropout: float, pooling: str = "cls") -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.pooling = backbone, pooling
         config = backbone.config
         self.head = ClassifierHead(config.hidden_size, num_classes, dropout, config.layer_norm_eps)
         self.head.apply(backbone._init_new)
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.head(self.backbone.encode(batch).cls)
+        encoded = self.backbone.encode(batch)
+        if self.pooling == "cls":
+            return self.head(encoded.cls)
+        valid = encoded.sequence_mask.to(encoded.sequence.dtype).unsqueeze(-1)
+        return self.head((encoded.sequence * valid).sum(1) / valid.sum(1))
 
     def loss(self, batch: Batch) -> Tensor:
         return F.cross_entropy(self(batch), batch.labels)
@@ -129,7 +133,7 @@ def build_model(
         template = Template.from_text(cfg.prompt.template, tokenizer, cfg.prompt.position)
         label_ids = tokenizer.label_word_ids(list(cfg.prompt.label_words))
         return PromptModel(backbone, template, label_ids, cfg.data.max_text_len, cfg.prompt.loss, cfg.prompt.scoring)
-    return ClassifierModel(backbone, len(CLASSES), cfg.model.classifier_dropout)
+    return ClassifierModel(backbone, len(CLASSES), cfg.model.classifier_dropout, cfg.model.classifier_pooling)
 
 
 def text_model(setting: str, cfg: FinetuneConfig) -> dict[str, Any] | None:

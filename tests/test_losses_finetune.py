@@ -74,6 +74,32 @@ def test_classifier_loss_is_cross_entropy_of_the_authors_head_on_cls() -> None:
     assert loss.item() == pytest.approx(_nll(logits, LABELS.numpy()), rel=1e-6)
 
 
+def test_mean_pooling_reads_the_mean_of_each_samples_valid_positions_only() -> None:
+    """model.classifier_pooling=mean: the head on the mean over the valid text, visual and acoustic states (two of
+    the samples lack a modality), recomputed from the per-modality outputs; more padding in the batch changes nothing."""
+    torch.manual_seed(0)
+    model = ClassifierModel(tiny_model(seed=1), num_classes=4, dropout=0.1, pooling="mean").eval()
+    batch = _batch()
+    with torch.no_grad():
+        logits = model(batch)
+        encoded = model.backbone.encode(batch)
+        means = []
+        for i in range(len(SHAPES)):
+            valid = [encoded.text[i][batch.text_mask[i]], encoded.visual[i][batch.visual_mask[i]],
+                     encoded.acoustic[i][batch.acoustic_mask[i]]]
+            means.append(torch.cat(valid).double().mean(0))
+        expected = model.head(torch.stack(means).float())
+        longer = batch_of([*_utterances(), make_utterance(np.random.default_rng(3), "long", 30, 40, 60)])
+        padded = model(longer)[: len(SHAPES)]
+    assert sum(len(v) for v in valid) == SHAPES[-1][0] + 2 + SHAPES[-1][1] + SHAPES[-1][2]  # [CLS] words [SEP] frames
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert torch.allclose(padded, logits, atol=1e-5)
+    cls_model = ClassifierModel(model.backbone, num_classes=4, dropout=0.1).eval()
+    cls_model.head.load_state_dict(model.head.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(cls_model(batch), logits, atol=1e-3)  # [CLS] alone reads something else
+
+
 def _prompt(loss: str, position: str) -> tuple[PromptModel, Template, list[int]]:
     tok = TextTokenizer()
     cfg = PromptConfig()
