@@ -106,6 +106,8 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
         notes.append(prompt_scoring_note(cfg.prompt.scoring, records))
     if "probe" in settings:
         notes.append(PROBE_NOTE)
+    if cfg.model.classifier_pooling == "mean" and set(settings) & set(CLASSIFIER_HEAD_SETTINGS):
+        notes.append(MEAN_POOLING_NOTE)
     if notes:
         lines += ["", " ".join(notes)]
     lines += [
@@ -129,6 +131,11 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
     path.write_text("\n".join(lines) + "\n")
     return path
 
+
+CLASSIFIER_HEAD_SETTINGS = ("direct", "bert_direct", "pretrain_finetune")
+MEAN_POOLING_NOTE = ("The classifier head of Direct, BERT+Direct and Pretrain+Finetune reads the mean of all valid "
+                     "text, visual and acoustic states (model.classifier_pooling=mean), not [CLS] as the authors' "
+                     "does (beyond the paper).")
 
 PROBE_NOTE = ("Probe: a logistic regression per modality on pooled features (text: the bag of token ids; "
               "audio and visual: mean and std over frames), its C chosen by the validation speaker's log-loss; "

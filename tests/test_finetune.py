@@ -370,6 +370,12 @@ def test_report_aggregates_folds_then_seeds(tmp_path: Path) -> None:
     assert "| Direct | 50.00 ± 0.00 | 65.00 ± 7.07 | 40.00 ± 0.00 | 0.00 |" in md
     assert "folds 1, 2 of 10 (partial); seeds 42, 1234" in md
     assert "starts from" not in md and "word embeddings from" not in md  # direct starts from no text model
+    assert "classifier_pooling" not in md  # the authors' [CLS] head goes unsaid
+    pooled = load_config(FinetuneConfig, overrides=["settings=direct", "seeds=[42, 1234]", "folds=[1, 2]",
+                                                    "model.classifier_pooling=mean"])
+    (tmp_path / "mean").mkdir()
+    assert "reads the mean of all valid text, visual and acoustic states (model.classifier_pooling=mean)" in write_report(
+        tmp_path / "mean", pooled, records).read_text()
     assert md.startswith("# Finetuning results: iemocap\n") and "test-selected" not in md
     # The authors' MSP-IMPROV folds selected on the test speaker: the title says so.
     test_selected = load_config(FinetuneConfig, overrides=["settings=direct", "seeds=[42, 1234]", "folds=[1, 2]",
