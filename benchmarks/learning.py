@@ -314,7 +314,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
                         help="pretraining config override (repeatable), e.g. model.init_from=bundled optim.lr=5e-5")
     # The checkpoint is a draw too: on one corpus four pretraining seeds moved the 10%-label gain over Direct from
-    # +6.5 to +12.4. Each further seed costs a pretraining and the two checkpoint settings' finetuning runs.
+    # +5.6 to +13.2. Each further seed costs a pretraining and the two checkpoint settings' finetuning runs.
     parser.add_argument("--pretrain-seeds", default=str([PretrainConfig().train.seed]),
                         help="pretraining seeds, e.g. [42,1,2]: the first checkpoint serves every setting; "
                              "pretrain_finetune and pretrain_prompt run on each and report the mean")
