@@ -20,6 +20,8 @@ PROBE = "probe"
 PRETRAINED_SETTINGS = ("pretrain_finetune", "pretrain_prompt")
 # Settings that read a given checkpoint (direct takes its shape); the others ignore it.
 CHECKPOINT_SETTINGS = ("direct", *PRETRAINED_SETTINGS)
+# Settings with the authors' classifier head (finetune/settings.py ClassifierHead; model.classifier_pooling).
+CLASSIFIER_HEAD_SETTINGS = ("direct", "bert_direct", "pretrain_finetune")
 
 
 @dataclass

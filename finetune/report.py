@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from finetune.config import CLASSIFIER_HEAD_SETTINGS
 from finetune.metrics import Summary, aggregate, fold_mean_se, uar_test_se
 from finetune.protocols import CLASSES, TEST_SELECTED, folds_for
 
@@ -132,7 +133,6 @@ def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str,
     return path
 
 
-CLASSIFIER_HEAD_SETTINGS = ("direct", "bert_direct", "pretrain_finetune")
 MEAN_POOLING_NOTE = ("The classifier head of Direct, BERT+Direct and Pretrain+Finetune reads the mean of all valid "
                      "text, visual and acoustic states (model.classifier_pooling=mean), not [CLS] as the authors' "
                      "does (beyond the paper).")
