@@ -46,17 +46,19 @@ RANDOM_INIT = "random init"
 
 @torch.no_grad()
 def encoded_features(encoder: MEmoBERT, ctx: Context, cfg: FinetuneConfig) -> dict[str, np.ndarray]:
-    """Per utterance, in ctx.utts' order: the [CLS] state and the mean hidden state of each modality's positions."""
-    encoder.eval()
+    """Per utterance, in ctx.utts' order: the [CLS] state and the mean hidden state of each modality's positions,
+    encoded on ctx.device (finetune's train.device: the GPU where there is one)."""
+    encoder.to(ctx.device).eval()
     out: dict[str, list[torch.Tensor]] = {"cls": [], "t": [], "a": [], "v": []}
     for batch in batches(ctx.utts, 64, cfg.data, ctx.tokenizer.cls_id, ctx.tokenizer.sep_id):
+        batch = batch.to(ctx.device)
         encoded = encoder.encode(batch)
         out["cls"].append(encoded.cls)
         for name, hidden, mask in (("t", encoded.text, batch.text_mask), ("a", encoded.acoustic, batch.acoustic_mask),
                                    ("v", encoded.visual, batch.visual_mask)):
             weights = mask.to(hidden.dtype).unsqueeze(-1)  # an empty track averages to zeros
             out[name].append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))
-    return {name: torch.cat(parts).double().numpy() for name, parts in out.items()}
+    return {name: torch.cat(parts).double().cpu().numpy() for name, parts in out.items()}
 
 
 def readout_uar(features: dict[str, np.ndarray], ctx: Context, cfg: FinetuneConfig, seed: int) -> dict[str, float]:
