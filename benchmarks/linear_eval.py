@@ -33,7 +33,7 @@ from finetune.config import FinetuneConfig
 from finetune.data import batches, labels_of
 from finetune.metrics import scores
 from finetune.probe import fit_by_log_loss
-from finetune.protocols import CLASSES, folds_for
+from finetune.protocols import CLASSES
 from finetune.run import Context, fold_data, load_context
 from finetune.settings import build_model
 from memobert.config import load_config
@@ -65,7 +65,7 @@ def readout_uar(features: dict[str, np.ndarray], ctx: Context, cfg: FinetuneConf
     """Test UAR of each readout, mean over folds; the training speakers' labels drawn as finetune draws them."""
     row = {u.key: i for i, u in enumerate(ctx.utts)}
     per_fold: dict[str, list[float]] = {name: [] for name in READOUTS}
-    for fold in (f for f in folds_for(cfg.data.protocol) if f.index in cfg.fold_numbers):
+    for fold in cfg.selected_folds:
         data = fold_data(fold, seed, cfg, ctx)
         index = {part: [row[u.key] for u in getattr(data, part)] for part in ("train", "val", "test")}
         y = {part: labels_of(getattr(data, part)) for part in index}

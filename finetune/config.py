@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from finetune.protocols import CLASSES, folds_for
+from finetune.protocols import CLASSES, Fold, folds_for
 from memobert.config import check
 from memobert.shard_store import ReadConfig
 
@@ -211,3 +211,8 @@ class FinetuneConfig:
     def fold_numbers(self) -> list[int]:
         """The folds to run, 1-based."""
         return sorted(self.folds) or list(range(1, len(folds_for(self.data.protocol)) + 1))
+
+    @property
+    def selected_folds(self) -> list[Fold]:
+        """The folds to run, as the protocol's Fold objects."""
+        return [f for f in folds_for(self.data.protocol) if f.index in self.fold_numbers]

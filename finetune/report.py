@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from finetune.config import CLASSIFIER_HEAD_SETTINGS
 from finetune.metrics import Summary, aggregate, fold_mean_se, uar_test_se
 from finetune.protocols import CLASSES, TEST_SELECTED, folds_for
 
@@ -74,6 +73,8 @@ def uar_se(records: Sequence[dict[str, Any]], setting: str) -> float:
 
 def write_report(out_dir: Path, cfg: FinetuneConfig, records: Sequence[dict[str, Any]]) -> Path:
     """Write the tables, CSVs and confusion PNGs under out_dir; returns results.md."""
+    from finetune.config import CLASSIFIER_HEAD_SETTINGS  # not at module level: the config import costs ~1 s
+
     out_dir = Path(out_dir)
     settings = list(cfg.settings)
     full = {s: summarize(records, s) for s in settings}

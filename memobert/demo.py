@@ -54,11 +54,10 @@ def demo_finetune_config(config: DemoConfig, shards: Path, model_dir: Path, out:
 def ceilings_summary(corpus: Path, finetune_cfg: FinetuneConfig) -> str:
     """What the generator's cues allow on the finetuned folds' test speakers (Bayes UAR), to read the table against."""
     from finetune.data import load_utterances
-    from finetune.protocols import folds_for
     from preprocessing.synth.ceilings import fold_ceilings
 
-    folds = [f for f in folds_for(finetune_cfg.data.protocol) if f.index in finetune_cfg.fold_numbers]
-    ceilings = fold_ceilings(corpus, load_utterances(finetune_cfg.data.shards, finetune_cfg.data), folds)
+    ceilings = fold_ceilings(corpus, load_utterances(finetune_cfg.data.shards, finetune_cfg.data),
+                             finetune_cfg.selected_folds)
     pct = lambda uar: f"{100 * uar:.1f}"  # noqa: E731
     return ("   Ceilings (the generator's ground truth): the Bayes-optimal rule's UAR on these test speakers, fold mean\n"
             f"   as in the table: fused {pct(ceilings['uar']['fused'])}, "
