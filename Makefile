@@ -33,9 +33,9 @@ test-fast: venv
 demo: venv
 	$(VENV)/bin/memobert demo
 
-# The demo finetuned on all ten folds instead of two: five times the test utterances; finished stages are reused.
+# The demo with BERT+Direct (a 6-layer MiniLM) added to its table; finished stages and runs are reused.
 demo-full: venv
-	$(VENV)/bin/memobert demo all_folds=true
+	$(VENV)/bin/memobert demo bert_direct=true
 
 # Mutation testing of the loss, masking, metric, protocol, prompt and selection code against the fast unit
 # tests ([tool.mutmut] in pyproject.toml); a fresh mutants/ each time, so no stale verdict is reused.

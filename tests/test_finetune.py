@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -625,14 +626,16 @@ def test_labeled_corpora_keep_faceless_utterances_by_default() -> None:
     assert load_config(PreprocessConfig, overrides=["shards.missing_modality=drop"]).shards.drops_faceless(labeled=True)
 
 
-def test_the_demo_finetunes_two_folds_and_all_ten_on_request(tmp_path: Path) -> None:
+def test_the_demo_finetunes_all_ten_folds_and_adds_bert_direct_on_request(tmp_path: Path) -> None:
     paths = (tmp_path / "shards", tmp_path / "model", tmp_path / "finetune")
-    two, full = (demo_finetune_config(DemoConfig(all_folds=flag), *paths) for flag in (False, True))
-    assert two.fold_numbers == [1, 2] and full.fold_numbers == list(range(1, 11))
+    demo, full = (demo_finetune_config(DemoConfig(bert_direct=flag), *paths) for flag in (False, True))
+    assert demo.fold_numbers == full.fold_numbers == list(range(1, 11))
     assert (full.data.shards, full.checkpoint, full.out_dir) == tuple(str(p) for p in paths)
-    # Only the folds differ, and they are free to change in a finished out_dir: the two folds' runs are reused.
-    assert "folds" in run.RERUN_FREE_KEYS
-    assert {**to_dict(two), "folds": []} == to_dict(full)
+    assert demo.settings == ["direct", "pretrain_finetune", "pretrain_prompt", "mfn", "m3er", "probe"]
+    assert full.settings == ["direct", "bert_direct", "pretrain_finetune", "pretrain_prompt", "mfn", "m3er", "probe"]
+    # Only the settings differ, and they are free to change in a finished out_dir: the demo's runs are reused.
+    assert "settings" in run.RERUN_FREE_KEYS
+    assert {**to_dict(demo), "settings": full.settings} == to_dict(full)
 
 
 def test_the_demo_prints_what_the_generators_cues_allow_on_its_folds(tmp_path: Path, labeled_shards: Path) -> None:
@@ -647,13 +650,13 @@ def test_the_demo_prints_what_the_generators_cues_allow_on_its_folds(tmp_path: P
     (corpus / "ground_truth" / "iemocap" / "all.json").write_text(json.dumps({"turns": turns}))
     (corpus / "synth_summary.json").write_text(json.dumps({"config": {
         "text_reliability": 0.7, "audio_reliability": 0.7, "face_reliability": 0.7}}))
-    paths = (labeled_shards, tmp_path / "model", tmp_path / "finetune")
-    two = ceilings_summary(corpus, demo_finetune_config(DemoConfig(), *paths))
-    assert "fused 50.0, text alone 100.0, audio alone 0.0, visual alone 50.0 (chance 25)" in two
-    assert two.endswith("fused per fold: 1: 100.0, 2: 0.0")
-    full = ceilings_summary(corpus, demo_finetune_config(DemoConfig(all_folds=True), *paths))
+    demo = demo_finetune_config(DemoConfig(), labeled_shards, tmp_path / "model", tmp_path / "finetune")
+    full = ceilings_summary(corpus, demo)
     assert full.endswith("fused per fold: 1: 100.0, 2: 0.0, " + ", ".join(f"{i}: 100.0" for i in range(3, 11)))
     assert "fused 90.0, text alone 100.0, audio alone 0.0, visual alone 90.0" in full
+    two = ceilings_summary(corpus, replace(demo, folds=[1, 2]))  # the mean and the list follow the folds run
+    assert "fused 50.0, text alone 100.0, audio alone 0.0, visual alone 50.0 (chance 25)" in two
+    assert two.endswith("fused per fold: 1: 100.0, 2: 0.0")
 
 
 def test_text_bert_folders_default_to_bert_base_and_a_missing_one_is_a_config_error(
