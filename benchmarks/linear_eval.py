@@ -35,7 +35,7 @@ from finetune.metrics import scores
 from finetune.probe import fit_by_log_loss
 from finetune.protocols import CLASSES
 from finetune.run import Context, fold_data, load_context
-from finetune.settings import build_model
+from finetune.settings import build_model, masked_mean
 from memobert.config import load_config
 from pretrain.export import load_model
 from pretrain.model import MEmoBERT
@@ -56,8 +56,7 @@ def encoded_features(encoder: MEmoBERT, ctx: Context, cfg: FinetuneConfig) -> di
         out["cls"].append(encoded.cls)
         for name, hidden, mask in (("t", encoded.text, batch.text_mask), ("a", encoded.acoustic, batch.acoustic_mask),
                                    ("v", encoded.visual, batch.visual_mask)):
-            weights = mask.to(hidden.dtype).unsqueeze(-1)  # an empty track averages to zeros
-            out[name].append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+            out[name].append(masked_mean(hidden, mask))  # an empty track averages to zeros
     return {name: torch.cat(parts).double().cpu().numpy() for name, parts in out.items()}
 
 

@@ -55,6 +55,12 @@ class ClassifierHead(nn.Module):
         return self.output(self.dropout(self.pooler(cls)))
 
 
+def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
+    """The mean of states [B, L, H] over the positions where mask [B, L] is True; zeros where none is."""
+    weights = mask.to(states.dtype).unsqueeze(-1)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 class ClassifierModel(nn.Module):
     """MEmoBERT + the authors' classifier head (ClassifierHead) on [CLS], or on the mean of the valid positions."""
 
@@ -69,8 +75,7 @@ class ClassifierModel(nn.Module):
         encoded = self.backbone.encode(batch)
         if self.pooling == "cls":
             return self.head(encoded.cls)
-        valid = encoded.sequence_mask.to(encoded.sequence.dtype).unsqueeze(-1)
-        return self.head((encoded.sequence * valid).sum(1) / valid.sum(1))
+        return self.head(masked_mean(encoded.sequence, encoded.sequence_mask))
 
     def loss(self, batch: Batch) -> Tensor:
         return F.cross_entropy(self(batch), batch.labels)
